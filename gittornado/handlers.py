@@ -1,0 +1,343 @@
+"""Thin RequestHandlers: resolve the repository, ask the policy, hand over to git.
+
+Every handler follows the same path: :meth:`GitRequestMixin.open_repository`
+(lookup + access check), the repository's config switch, then either a
+:class:`~gittornado.pipe.GitProcessPipe` or a file from disk.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
+
+from tornado import httputil
+from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_request_body
+
+from .access import AccessDenied, AccessPolicy, Grant, Permission, ReadOnlyPolicy, check_access
+from .body import BodyDecoder
+from .pipe import GitProcesses, GitProcessPipe
+from .repos import ConfigCache, GitConfig, Repository, config_bool
+from .services import GET_ANY_FILE, SERVICES, UPLOAD_PACK
+from .util import maybe_await
+
+Lookup = Callable[[str], Union[Optional[Repository], Awaitable[Optional[Repository]]]]
+
+#: Variables that would make git look at another repository than the one named.
+_REPOSITORY_ENV = frozenset(
+    (
+        "GIT_DIR",
+        "GIT_WORK_TREE",
+        "GIT_INDEX_FILE",
+        "GIT_OBJECT_DIRECTORY",
+        "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+        "GIT_COMMON_DIR",
+        "GIT_NAMESPACE",
+        "GIT_PROTOCOL",
+        "REMOTE_USER",
+    )
+)
+
+#: A well-formed Git-Protocol header: colon-separated ``key`` or ``key=value``.
+_GIT_PROTOCOL = re.compile(r"[A-Za-z0-9._-]+(=[A-Za-z0-9._-]*)?(:[A-Za-z0-9._-]+(=[A-Za-z0-9._-]*)?)*")
+
+#: Cache headers for files that change (refs, HEAD, pack lists), as git http-backend sends.
+_NO_CACHE = {
+    "Expires": "Fri, 01 Jan 1980 00:00:00 GMT",
+    "Pragma": "no-cache",
+    "Cache-Control": "no-cache, max-age=0, must-revalidate",
+}
+#: Cache headers for content-addressed files (objects and packs), which never change.
+_FOREVER = {"Cache-Control": "public, max-age=31536000, immutable"}
+
+_FOR_EACH_REF_FORMAT = (
+    "%(objectname)%09%(refname)%(if)%(*objectname)%(then)%0a%(*objectname)%09%(refname)^{}%(end)"
+)
+
+
+@dataclass
+class GitBackend:
+    """Everything the handlers of one application share.
+
+    ``lookup`` maps a repository name from the URL to a
+    :class:`~gittornado.repos.Repository` (or ``None``); ``policy`` decides
+    access; ``max_body_size`` caps request bodies (``None``: unlimited).
+    """
+
+    lookup: Lookup
+    policy: AccessPolicy = field(default_factory=ReadOnlyPolicy)
+    max_body_size: Optional[int] = None
+    git: str = "git"
+    configs: ConfigCache = field(default_factory=ConfigCache)
+    processes: GitProcesses = field(default_factory=GitProcesses)
+    base_env: Dict[str, str] = field(
+        default_factory=lambda: {k: v for k, v in os.environ.items() if k not in _REPOSITORY_ENV}
+    )
+
+
+def pkt_line(text: str) -> bytes:
+    """Encode one pkt-line (four hex digits of length, then the payload)."""
+    data = text.encode()
+    return b"%04x" % (len(data) + 4) + data
+
+
+class GitRequestMixin:
+    """What every gittornado handler does: find the repository, check access, report errors."""
+
+    backend: GitBackend
+    request: httputil.HTTPServerRequest
+
+    def initialize(self, backend: GitBackend) -> None:
+        self.backend = backend
+
+    async def open_repository(self, name: str, permission: Permission) -> Tuple[Repository, Grant]:
+        """Resolve ``name`` and check ``permission`` on it, or raise the right HTTP error."""
+        repo = await maybe_await(self.backend.lookup, name)
+        grant = await check_access(self.backend.policy, self.request, repo.name if repo else name, permission)
+        if repo is None:
+            raise HTTPError(404, reason="Repository not found")
+        return repo, grant
+
+    async def require_switch(self, repo: Repository, switch: str) -> GitConfig:
+        """Return the repository's config, or 403 when it turns ``switch`` off."""
+        config = await self.backend.configs.get(repo)
+        if not config_bool(config, switch, True):
+            raise HTTPError(403, reason=f"Disabled by {switch} in the repository's config")
+        return config
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """A short plain-text reason, never a traceback."""
+        handler: RequestHandler = self  # type: ignore[assignment]
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(error, AccessDenied) and error.challenge:
+            handler.set_header("WWW-Authenticate", error.challenge)
+        if status_code == 405:
+            handler.set_header("Allow", ", ".join(handler.SUPPORTED_METHODS))
+        handler.set_header("Content-Type", "text/plain; charset=utf-8")
+        for name, value in _NO_CACHE.items():
+            handler.set_header(name, value)
+        handler.finish(f"{status_code} {handler._reason}\n")
+
+
+class GitHandler(GitRequestMixin, RequestHandler):
+    """Base for the handlers that run git."""
+
+    pipe: Optional[GitProcessPipe] = None
+
+    def start_git(
+        self,
+        repo: Repository,
+        grant: Grant,
+        label: str,
+        args: List[str],
+        config: Optional[GitConfig] = None,
+        defaults: Optional[Dict[str, str]] = None,
+        with_stdin: bool = False,
+    ) -> GitProcessPipe:
+        """Spawn ``git <args>`` with the environment git http-backend gives it.
+
+        ``label`` names what runs in log lines, after the repository name.
+        ``defaults`` become ``-c key=value`` options unless ``config`` (the
+        repository's own) already sets the key.
+        """
+        env = dict(self.backend.base_env)
+        address = self.request.remote_ip or "unknown"
+        user = grant.user
+        env["REMOTE_ADDR"] = address
+        if user:
+            env["REMOTE_USER"] = user
+        env.setdefault("GIT_COMMITTER_NAME", user or "anonymous")
+        env.setdefault("GIT_COMMITTER_EMAIL", f"{user or 'anonymous'}@http.{address}")
+        protocol = self.request.headers.get("Git-Protocol")
+        if protocol is not None:
+            if len(protocol) > 256 or not _GIT_PROTOCOL.fullmatch(protocol):
+                raise HTTPError(400, reason="Malformed Git-Protocol header")
+            env["GIT_PROTOCOL"] = protocol
+        argv = [self.backend.git]
+        for key, value in (defaults or {}).items():
+            if config is None or key not in config:
+                argv += ["-c", f"{key}={value}"]
+        argv += args
+        context = f"{repo.name} {label}"
+        self.pipe = GitProcessPipe.start(argv, env, context, self.backend.processes, with_stdin)
+        return self.pipe
+
+    def on_connection_close(self) -> None:
+        if self.pipe is not None:
+            self.pipe.abort()
+        super().on_connection_close()
+
+    def set_no_cache(self) -> None:
+        for name, value in _NO_CACHE.items():
+            self.set_header(name, value)
+
+
+class InfoRefsHandler(GitHandler):
+    """``GET <repo>/info/refs``: the smart advertisement, or the dumb ref list."""
+
+    SUPPORTED_METHODS = ("GET",)
+
+    async def get(self, name: str) -> None:
+        service_name = self.get_query_argument("service", None)
+        self.set_no_cache()
+        if service_name is None:
+            repo, grant = await self.open_repository(name, Permission.READ)
+            await self.require_switch(repo, GET_ANY_FILE)
+            # Generated from the live refs, so no `git update-server-info` is needed.
+            args = ["--git-dir", repo.path, "for-each-ref", "--format=" + _FOR_EACH_REF_FORMAT]
+            pipe = self.start_git(repo, grant, "info/refs", args)
+            await pipe.respond(self, "text/plain; charset=utf-8")
+            return
+        service = SERVICES.get(service_name)
+        if service is None or not service.advertises:
+            raise HTTPError(400, reason="Unknown service")
+        repo, grant = await self.open_repository(name, service.permission)
+        config = await self.require_switch(repo, service.switch)
+        args = [*service.command, "--advertise-refs", repo.path]
+        pipe = self.start_git(repo, grant, service.name, args, config, dict(service.defaults))
+        # Protocol v2 has no service line; receive-pack has no v2 and answers v0.
+        v2 = "version=2" in self.request.headers.get("Git-Protocol", "").split(":")
+        prefix = b"" if v2 and service is UPLOAD_PACK else pkt_line(f"# service={service.name}\n") + b"0000"
+        await pipe.respond(self, service.advertisement_type, prefix)
+
+
+@stream_request_body
+class ServiceHandler(GitHandler):
+    """``POST <repo>/git-<service>``: stream the request into git and its answer back."""
+
+    SUPPORTED_METHODS = ("POST",)
+
+    def initialize(self, backend: GitBackend) -> None:  # type: ignore[override]
+        super().initialize(backend)
+        self.decoder: Optional[BodyDecoder] = None
+
+    async def prepare(self) -> None:
+        name, service_name = self.path_args
+        service = SERVICES[service_name]
+        repo, grant = await self.open_repository(name, service.permission)
+        config = await self.require_switch(repo, service.switch)
+        content_type = self.request.headers.get("Content-Type", "")
+        if content_type.split(";")[0].strip() != service.request_type:
+            raise HTTPError(415, reason=f"Expected Content-Type {service.request_type}")
+        limit = self.backend.max_body_size
+        length = self.request.headers.get("Content-Length")
+        if limit is not None and length is not None and length.isdigit() and int(length) > limit:
+            raise HTTPError(413, reason="Request body too large")
+        # Tornado's own cap (100 MB by default) would cut pushes; the decoder enforces ours.
+        self.request.connection.set_max_body_size(2**62)
+        self.decoder = BodyDecoder(self.request.headers.get("Content-Encoding"), limit)
+        self.service = service
+        args = [*service.command, repo.path]
+        self.start_git(repo, grant, service.name, args, config, dict(service.defaults), with_stdin=True)
+
+    async def data_received(self, chunk: bytes) -> None:
+        if self.pipe is None or self.decoder is None:
+            return
+        try:
+            for piece in self.decoder.decode(chunk):
+                await self.pipe.write(piece)
+        except HTTPError as error:
+            self._refuse(error)
+
+    async def post(self, name: str, service_name: str) -> None:
+        if self.pipe is None or self.decoder is None:
+            return
+        try:
+            self.decoder.finish()
+        except HTTPError as error:
+            self._refuse(error)
+            return
+        self.pipe.close_stdin()
+        await self.pipe.respond(self, self.service.result_type)
+
+    def _refuse(self, error: HTTPError) -> None:
+        """Stop git before it acts on a body that will not arrive whole, and say why."""
+        if self.pipe is not None:
+            self.pipe.abort()
+            self.pipe = None
+        self.send_error(error.status_code, reason=error.reason)
+
+
+class PackListHandler(GitHandler):
+    """``GET <repo>/objects/info/packs``, generated from the pack directory."""
+
+    SUPPORTED_METHODS = ("GET",)
+
+    async def get(self, name: str) -> None:
+        repo, _ = await self.open_repository(name, Permission.READ)
+        await self.require_switch(repo, GET_ANY_FILE)
+        try:
+            names = sorted(
+                entry.name
+                for entry in os.scandir(os.path.join(repo.path, "objects", "pack"))
+                if entry.name.startswith("pack-") and entry.name.endswith(".pack")
+            )
+        except FileNotFoundError:
+            names = []
+        self.set_no_cache()
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish("".join(f"P {n}\n" for n in names) + "\n")
+
+
+class RepositoryFileHandler(GitRequestMixin, StaticFileHandler):
+    """The dumb protocol's files, streamed from disk with Range support.
+
+    The URL table lets through only ``HEAD``, ``objects/info/*alternates``,
+    loose objects and pack files, so nothing else in a repository (config,
+    hooks) is ever reachable.
+    """
+
+    SUPPORTED_METHODS = ("GET", "HEAD")
+
+    def initialize(self, backend: GitBackend) -> None:  # type: ignore[override]
+        super().initialize(backend)
+        self.root = ""
+        self.default_filename = None
+
+    async def get(self, name: str, path: str, include_body: bool = True) -> None:  # type: ignore[override]
+        repo, _ = await self.open_repository(name, Permission.READ)
+        await self.require_switch(repo, GET_ANY_FILE)
+        self.root = repo.path
+        await super().get(path, include_body)
+
+    async def head(self, name: str, path: str) -> None:  # type: ignore[override]
+        await self.get(name, path, include_body=False)
+
+    def validate_absolute_path(self, root: str, absolute_path: str) -> Optional[str]:
+        # Resolve symlinks first, so a link inside the repository cannot lead out.
+        return super().validate_absolute_path(root, os.path.realpath(absolute_path))
+
+    def _immutable(self) -> bool:
+        return self.path.startswith("objects/") and not self.path.startswith("objects/info/")
+
+    def compute_etag(self) -> Optional[str]:
+        # Object and pack names are content hashes: the name is the version.
+        # (The default would hash the whole file, which for a pack is gigabytes.)
+        return f'"{os.path.basename(self.path)}"' if self._immutable() else None
+
+    def get_content_type(self) -> str:
+        if self.path.endswith(".pack"):
+            return "application/x-git-packed-objects"
+        if self.path.endswith(".idx"):
+            return "application/x-git-packed-objects-toc"
+        if self._immutable():
+            return "application/x-git-loose-object"
+        return "text/plain; charset=utf-8"
+
+    def get_cache_time(self, path: str, modified: Any, mime_type: str) -> int:
+        return 0
+
+    def set_extra_headers(self, path: str) -> None:
+        for header, value in (_FOREVER if self._immutable() else _NO_CACHE).items():
+            self.set_header(header, value)
+
+
+class NotFoundHandler(GitRequestMixin, RequestHandler):
+    """Plain-text 404 for every URL outside the git routes."""
+
+    def initialize(self) -> None:  # type: ignore[override]
+        pass
+
+    def prepare(self) -> None:
+        raise HTTPError(404, reason="Not found")

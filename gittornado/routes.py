@@ -1,0 +1,74 @@
+"""The URL table: every URL gittornado answers, on one screen.
+
+Repository names may contain slashes (``group/proj.git``); the pattern for
+each file or service anchors at the end of the path, so the shortest prefix
+before it is the repository.  Anything not listed here is 404.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import List, Optional
+
+from tornado.routing import Rule
+from tornado.web import URLSpec
+
+from .access import AccessPolicy, ReadOnlyPolicy
+from .handlers import (
+    GitBackend,
+    InfoRefsHandler,
+    Lookup,
+    PackListHandler,
+    RepositoryFileHandler,
+    ServiceHandler,
+)
+from .repos import RepositoryRoot
+
+_HEX = "[0-9a-f]"
+_LOOSE_OBJECT = rf"objects/{_HEX}{{2}}/(?:{_HEX}{{38}}|{_HEX}{{62}})"  # SHA-1 or SHA-256
+_PACK_FILE = rf"objects/pack/pack-(?:{_HEX}{{40}}|{_HEX}{{64}})\.(?:pack|idx)"
+_TEXT_FILE = r"HEAD|objects/info/(?:alternates|http-alternates)"
+_SERVICE = r"git-upload-pack|git-receive-pack|git-upload-archive"
+
+
+def git_routes(
+    prefix: str = "",
+    *,
+    root: Optional[str] = None,
+    lookup: Optional[Lookup] = None,
+    policy: Optional[AccessPolicy] = None,
+    max_body_size: Optional[int] = None,
+) -> List[Rule]:
+    """Return the URL rules that serve git repositories under ``prefix``.
+
+    Give either ``root`` (serve every repository below that directory) or
+    ``lookup`` (a sync or async callable mapping a repository name to a
+    :class:`~gittornado.repos.Repository` or ``None``).  ``policy`` defaults
+    to :class:`~gittornado.access.ReadOnlyPolicy`: anyone may read, nobody
+    may push.  ``max_body_size`` caps request bodies in bytes (``None``:
+    unlimited, as git's own pushes need).
+
+    Mount the result in any :class:`tornado.web.Application`::
+
+        app = Application([(r"/", Home)] + git_routes("/git", root="/srv/git"))
+    """
+    if (root is None) == (lookup is None):
+        raise ValueError("give exactly one of root and lookup")
+    backend = GitBackend(
+        lookup=lookup if lookup is not None else RepositoryRoot(root),  # type: ignore[arg-type]
+        policy=policy if policy is not None else ReadOnlyPolicy(),
+        max_body_size=max_body_size,
+    )
+    return routes_for(backend, prefix)
+
+
+def routes_for(backend: GitBackend, prefix: str = "") -> List[Rule]:
+    """The URL table for an existing :class:`~gittornado.handlers.GitBackend`."""
+    repo = re.escape(prefix.rstrip("/")) + "/(.+?)"
+    args = {"backend": backend}
+    return [
+        URLSpec(rf"{repo}/info/refs", InfoRefsHandler, args),
+        URLSpec(rf"{repo}/objects/info/packs", PackListHandler, args),
+        URLSpec(rf"{repo}/({_TEXT_FILE}|{_LOOSE_OBJECT}|{_PACK_FILE})", RepositoryFileHandler, args),
+        URLSpec(rf"{repo}/({_SERVICE})", ServiceHandler, args),
+    ]

@@ -1,0 +1,21 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="gittornado",
+    version="0.1.0",
+    description="Serve git repositories over HTTP (smart and dumb protocols) from Tornado",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    packages=find_packages(include=["gittornado", "gittornado.*"]),
+    python_requires=">=3.9",
+    install_requires=["tornado>=6.0,<7"],
+    extras_require={"test": ["pytest>=7", "pytest-tornado>=0.8"]},
+    entry_points={"console_scripts": ["gittornado=gittornado.server:main"]},
+    classifiers=[
+        "License :: OSI Approved :: Apache Software License",
+        "Programming Language :: Python :: 3",
+        "Framework :: Tornado",
+        "Topic :: Software Development :: Version Control :: Git",
+    ],
+)

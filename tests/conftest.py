@@ -1,0 +1,254 @@
+"""Shared fixtures: real repositories, a real git client, a real server.
+
+The server runs on the test's io_loop (pytest-tornado's ``app`` fixture); the
+git client runs as an asyncio subprocess so the loop keeps serving while it
+works.  ``spawn_gittornado`` starts the real ``gittornado`` command instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional
+
+import pytest
+from tornado.process import Subprocess
+
+from gittornado import GitBackend, OpenPolicy, RepositoryRoot
+from gittornado.access import AccessPolicy
+from gittornado.server import make_application
+
+
+@pytest.fixture(autouse=True)
+def _fresh_sigchld_handler() -> Iterator[None]:
+    """Tornado's Subprocess binds its SIGCHLD handler to the first io_loop that
+    asks; each test has its own loop, so let each register anew."""
+    yield
+    Subprocess.uninitialize()
+
+
+@pytest.fixture(scope="session")
+def git_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A HOME with no user config, so the host's ~/.gitconfig never leaks in."""
+    return tmp_path_factory.mktemp("home")
+
+
+@pytest.fixture
+def git_env(git_home: Path) -> Dict[str, str]:
+    """Environment for every git client in the tests."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(
+        HOME=str(git_home),
+        GIT_CONFIG_NOSYSTEM="1",
+        GIT_TERMINAL_PROMPT="0",
+        GIT_AUTHOR_NAME="Test Author",
+        GIT_AUTHOR_EMAIL="author@example.com",
+        GIT_COMMITTER_NAME="Test Committer",
+        GIT_COMMITTER_EMAIL="committer@example.com",
+        GIT_ASKPASS="/bin/false",
+    )
+    return env
+
+
+@dataclass
+class GitResult:
+    """What a finished git client run printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class GitClient:
+    """Runs the real git client, async (for the io_loop server) or sync (for setup)."""
+
+    def __init__(self, env: Dict[str, str]) -> None:
+        self.env = env
+
+    async def run(
+        self,
+        *args: str,
+        cwd: Optional[Path] = None,
+        check: bool = True,
+        env: Optional[Dict[str, str]] = None,
+        input: Optional[bytes] = None,
+    ) -> GitResult:
+        proc = await asyncio.create_subprocess_exec(
+            "git",
+            *args,
+            cwd=cwd,
+            env={**self.env, **(env or {})},
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        out, err = await proc.communicate(input)
+        result = GitResult(proc.returncode or 0, out.decode(errors="replace"), err.decode(errors="replace"))
+        if check and result.returncode != 0:
+            raise AssertionError(f"git {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
+        return result
+
+    def sync(self, *args: str, cwd: Optional[Path] = None, env: Optional[Dict[str, str]] = None) -> str:
+        return subprocess.run(
+            ["git", *args],
+            cwd=cwd,
+            env={**self.env, **(env or {})},
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+
+
+@pytest.fixture
+def git(git_env: Dict[str, str]) -> GitClient:
+    return GitClient(git_env)
+
+
+@pytest.fixture
+def gitbase(tmp_path: Path) -> Path:
+    """The directory the server serves."""
+    path = tmp_path / "repos"
+    path.mkdir()
+    return path
+
+
+def make_repo(git: GitClient, gitbase: Path, name: str, commits: int = 2, bare: bool = True) -> Path:
+    """Create repository ``name`` under ``gitbase`` with ``commits`` commits on main."""
+    work = gitbase.parent / ("work-" + name.replace("/", "-"))
+    git.sync("init", "-q", "-b", "main", str(work))
+    for i in range(commits):
+        (work / f"file{i}.txt").write_text(f"content {i}\n" * (i + 1))
+        git.sync("add", ".", cwd=work)
+        git.sync("commit", "-q", "-m", f"commit {i}", cwd=work)
+    if not bare:
+        target = gitbase / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work.rename(target)
+        return target
+    target = gitbase / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    git.sync("clone", "-q", "--bare", str(work), str(target))
+    return target
+
+
+@pytest.fixture
+def repo(git: GitClient, gitbase: Path) -> Path:
+    """``proj.git``: a bare repository with two commits on main."""
+    return make_repo(git, gitbase, "proj.git")
+
+
+@pytest.fixture
+def policy() -> AccessPolicy:
+    """The access policy of the in-process server; override per test module."""
+    return OpenPolicy()
+
+
+@pytest.fixture
+def backend(gitbase: Path, policy: AccessPolicy) -> GitBackend:
+    return GitBackend(lookup=RepositoryRoot(str(gitbase)), policy=policy)
+
+
+@pytest.fixture
+def app(backend: GitBackend):
+    """The application pytest-tornado serves on ``base_url``."""
+    return make_application(backend)
+
+
+def git_processes_under(path: Path) -> List[int]:
+    """PIDs of live (non-zombie) git processes whose command line names ``path``.
+
+    Scoped by path so processes of other tests or other work on the machine
+    never count.
+    """
+    needle = str(path).encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if needle in cmdline and b"git" in cmdline.split(b"\0")[0] and state != b"Z":
+            found.append(int(entry))
+    return found
+
+
+async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
+    """Poll ``predicate`` on the io_loop until it is true or ``timeout`` passes."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(interval)
+    return bool(predicate())
+
+
+class SpawnedServer:
+    """A ``gittornado`` process started with the real command line."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, startup_line: str, log_file) -> None:
+        self.proc = proc
+        self._log_file = log_file
+        self.port = port
+        self.startup_line = startup_line
+        self.url = f"http://127.0.0.1:{port}"
+
+    def log(self) -> str:
+        """Everything the server wrote to stderr so far."""
+        self._log_file.seek(0)
+        return self._log_file.read().decode(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def spawn_gittornado(*args: str, env: Optional[Dict[str, str]] = None) -> SpawnedServer:
+    """Start ``gittornado --port 0 <args>`` and wait for its startup line."""
+    log_file = tempfile.TemporaryFile()
+    proc = subprocess.Popen(
+        ["gittornado", "--port", "0", "--address", "127.0.0.1", *args],
+        stdout=subprocess.PIPE,
+        stderr=log_file,
+        text=True,
+        env=env,
+    )
+    line = proc.stdout.readline()
+    match = re.search(r"http://[^:]+:(\d+)/", line)
+    if not match:
+        proc.kill()
+        proc.wait()
+        log_file.seek(0)
+        raise AssertionError(f"gittornado did not start: {line!r} {log_file.read()!r}")
+    return SpawnedServer(proc, int(match.group(1)), line, log_file)
+
+
+@pytest.fixture
+def spawn_server():
+    """Factory for spawned servers; every one is stopped after the test."""
+    servers: List[SpawnedServer] = []
+
+    def start(*args: str, env: Optional[Dict[str, str]] = None) -> SpawnedServer:
+        server = spawn_gittornado(*args, env=env)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
