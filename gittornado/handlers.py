@@ -112,6 +112,8 @@ class GitRequestMixin:
         error = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(error, AccessDenied) and error.challenge:
             handler.set_header("WWW-Authenticate", error.challenge)
+        if isinstance(error, AccessDenied) and error.retry_after is not None:
+            handler.set_header("Retry-After", str(error.retry_after))
         if status_code == 405:
             handler.set_header("Allow", ", ".join(handler.SUPPORTED_METHODS))
         handler.set_header("Content-Type", "text/plain; charset=utf-8")
@@ -134,6 +136,7 @@ class GitHandler(GitRequestMixin, RequestHandler):
         config: Optional[GitConfig] = None,
         defaults: Optional[Dict[str, str]] = None,
         with_stdin: bool = False,
+        writes_repository: bool = False,
     ) -> GitProcessPipe:
         """Spawn ``git <args>`` with the environment git http-backend gives it.
 
@@ -160,7 +163,9 @@ class GitHandler(GitRequestMixin, RequestHandler):
                 argv += ["-c", f"{key}={value}"]
         argv += args
         context = f"{repo.name} {label}"
-        self.pipe = GitProcessPipe.start(argv, env, context, self.backend.processes, with_stdin)
+        self.pipe = GitProcessPipe.start(
+            argv, env, context, self.backend.processes, with_stdin, writes_repository
+        )
         return self.pipe
 
     def on_connection_close(self) -> None:
@@ -229,7 +234,16 @@ class ServiceHandler(GitHandler):
         self.decoder = BodyDecoder(self.request.headers.get("Content-Encoding"), limit)
         self.service = service
         args = [*service.command, repo.path]
-        self.start_git(repo, grant, service.name, args, config, dict(service.defaults), with_stdin=True)
+        self.start_git(
+            repo,
+            grant,
+            service.name,
+            args,
+            config,
+            dict(service.defaults),
+            with_stdin=True,
+            writes_repository=service.permission is Permission.WRITE,
+        )
 
     async def data_received(self, chunk: bytes) -> None:
         if self.pipe is None or self.decoder is None:

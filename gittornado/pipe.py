@@ -6,8 +6,14 @@ slows reading from the client and a slow client slows reading from git; at
 most a few chunks are in memory whatever the size of the transfer.
 
 When the exchange ends early (the client vanished, the body was refused),
-:meth:`GitProcessPipe.abort` terminates git's whole process group (TERM, then
-KILL after a grace period) and the process is always reaped.
+:meth:`GitProcessPipe.abort` lets git wind down by itself first: its stdin is
+closed, so it sees the end of input.  A git that writes to the repository
+(receive-pack) keeps its stdout drained, because that is the path on which it
+reports the failure and removes its quarantined objects; a signal or a broken
+pipe would leave them behind.  A git that only reads has its stdout closed, so
+a clone nobody will receive stops at its next write.  Whatever still runs
+after a grace period gets SIGTERM, then SIGKILL, sent to its whole process
+group (hooks, pack-objects, index-pack).  The process is always reaped.
 """
 
 from __future__ import annotations
@@ -27,7 +33,11 @@ log = logging.getLogger("gittornado")
 
 #: Bytes read from git's stdout at a time.
 CHUNK_SIZE = 256 * 1024
-#: Seconds between SIGTERM and SIGKILL when a transfer is aborted.
+#: Seconds an aborted read-only git gets to exit by itself, before SIGTERM.
+EXIT_GRACE = 1.0
+#: The same for receive-pack, which may be finishing a push whose body arrived whole.
+WRITER_EXIT_GRACE = 30.0
+#: Seconds between SIGTERM and SIGKILL.
 KILL_GRACE = 2.0
 #: Longest stderr line logged; the rest is cut so a noisy git cannot flood the log.
 MAX_LOG_LINE = 1000
@@ -57,10 +67,14 @@ class GitProcessPipe:
     repository and service in log lines.
     """
 
-    def __init__(self, proc: Subprocess, context: str, registry: GitProcesses) -> None:
+    def __init__(
+        self, proc: Subprocess, context: str, registry: GitProcesses, writes_repository: bool
+    ) -> None:
         self._proc = proc
         self._context = context
-        self._registry = registry
+        self._writes_repository = writes_repository
+        self._draining = False
+        self._escalation: Optional[object] = None
         self._exit = proc.wait_for_exit(raise_error=False)
         self._stdin_open = proc.stdin is not None
         IOLoop.current().spawn_callback(self._drain_stderr)
@@ -75,8 +89,13 @@ class GitProcessPipe:
         context: str,
         registry: GitProcesses,
         with_stdin: bool,
+        writes_repository: bool = False,
     ) -> GitProcessPipe:
-        """Spawn ``argv`` in its own process group with piped stdout and stderr."""
+        """Spawn ``argv`` in its own process group with piped stdout and stderr.
+
+        ``writes_repository`` says git may change the repository (receive-pack),
+        which decides how :meth:`abort` winds it down.
+        """
         proc = Subprocess(
             argv,
             stdin=Subprocess.STREAM if with_stdin else subprocess.DEVNULL,
@@ -86,7 +105,7 @@ class GitProcessPipe:
             start_new_session=True,
         )
         proc.stdout.read_chunk_size = CHUNK_SIZE
-        return cls(proc, context, registry)
+        return cls(proc, context, registry, writes_repository)
 
     @property
     def pid(self) -> int:
@@ -179,23 +198,40 @@ class GitProcessPipe:
             log.warning("%s: git: %s", self._context, text)
 
     def abort(self) -> None:
-        """End git's process group: TERM now, KILL after a grace period."""
+        """End git early, as gently as leaves the repository clean (see the module docstring).
+
+        Safe to call more than once, and while :meth:`respond` is running.
+        """
         self.close_stdin()
+        if self._writes_repository:
+            # respond() may still be reading; it calls abort() again when its write fails.
+            if not self._draining and not self._proc.stdout.reading():
+                self._draining = True
+                IOLoop.current().spawn_callback(self._discard_stdout)
+        else:
+            self._proc.stdout.close()
+        if self._escalation is None and not self._exit.done():
+            grace = WRITER_EXIT_GRACE if self._writes_repository else EXIT_GRACE
+            self._escalation = IOLoop.current().call_later(grace, self._escalate, signal.SIGTERM)
+
+    async def _discard_stdout(self) -> None:
+        while await self._read():
+            pass
+
+    def _escalate(self, signum: int) -> None:
         if self._exit.done():
             return
-        self._signal(signal.SIGTERM)
-        IOLoop.current().call_later(KILL_GRACE, self._kill_if_running)
-
-    def _kill_if_running(self) -> None:
-        if not self._exit.done():
-            log.warning("%s: git ignored SIGTERM; killing it", self._context)
-            self._signal(signal.SIGKILL)
-
-    def _signal(self, signum: int) -> None:
+        log.warning(
+            "%s: git still running after the client left; sending %s",
+            self._context,
+            signal.Signals(signum).name,
+        )
         try:
             os.killpg(self._proc.pid, signum)
         except ProcessLookupError:
-            pass
+            return
+        if signum == signal.SIGTERM:
+            IOLoop.current().call_later(KILL_GRACE, self._escalate, signal.SIGKILL)
 
     async def wait(self) -> Optional[int]:
         """Wait for git to exit and return its status."""

@@ -1,0 +1,180 @@
+"""The ``gittornado`` command as people run it, and the embedding example."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import GitClient, git_processes_under, make_repo, parse_response, raw_http, wait_until
+from tornado.httpclient import AsyncHTTPClient
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_help_lists_every_option():
+    result = subprocess.run(["gittornado", "--help"], capture_output=True, text=True, check=True)
+    for option in (
+        "--port",
+        "--address",
+        "--gitbase",
+        "--accessfile",
+        "--realm",
+        "--max-body-size",
+        "--log-level",
+    ):
+        assert option in result.stdout
+    assert "nobody may push" in result.stdout
+
+
+def test_bad_gitbase_is_a_clear_error(tmp_path: Path):
+    result = subprocess.run(
+        ["gittornado", "--port", "0", "--gitbase", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0
+    assert "nope" in result.stderr and "not a directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_size_is_a_clear_error():
+    result = subprocess.run(["gittornado", "--max-body-size", "lots"], capture_output=True, text=True)
+    assert result.returncode == 2 and "not a size" in result.stderr
+
+
+def test_port_in_use_is_a_clear_error(spawn_server, gitbase: Path):
+    first = spawn_server("--gitbase", str(gitbase))
+    result = subprocess.run(
+        ["gittornado", "--address", "127.0.0.1", f"--port={first.port}", "--gitbase", str(gitbase)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0 and "cannot listen" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_spawned_server_serves_clone_and_refuses_push(
+    spawn_server, git: GitClient, repo: Path, gitbase: Path, tmp_path: Path
+):
+    server = spawn_server("--gitbase", str(gitbase))
+    assert re.match(r"gittornado \S+ serving .*repos at http://127\.0\.0\.1:\d+/", server.startup_line)
+    assert "anyone may read, nobody may push" in server.startup_line
+    await git.run("clone", f"{server.url}/proj", str(tmp_path / "c"))
+    ls = await git.run("-c", "protocol.version=2", "ls-remote", f"{server.url}/proj.git")
+    assert "refs/heads/main" in ls.stdout
+    push = await git.run("push", "origin", "main:refs/heads/x", cwd=tmp_path / "c", check=False)
+    assert push.returncode != 0 and "403" in push.stderr
+    assert "refs/heads/x" not in git.sync("for-each-ref", cwd=repo)
+    # One access-log line per request reaches the log.
+    assert "GET /proj/info/refs?service=git-upload-pack" in server.log()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_max_body_size(spawn_server, git: GitClient, repo: Path, gitbase: Path):
+    server = spawn_server("--gitbase", str(gitbase), "--max-body-size", "1K")
+    big = b"0032want " + b"1" * 40 + b"\n"
+    big = big * 40  # 2 KB of wants
+    declared = await raw_http(
+        server.port,
+        b"POST /proj.git/git-upload-pack HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/x-git-upload-pack-request\r\nContent-Length: %d\r\n\r\n" % len(big) + big,
+    )
+    assert parse_response(declared)[0] == 413
+    chunked = await raw_http(
+        server.port,
+        b"POST /proj.git/git-upload-pack HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/x-git-upload-pack-request\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + b"".join(
+            b"%x\r\n%s\r\n" % (len(big[i : i + 500]), big[i : i + 500]) for i in range(0, len(big), 500)
+        )
+        + b"0\r\n\r\n",
+    )
+    status, _, body = parse_response(chunked)
+    assert status == 413 and b"too large" in body
+    assert await wait_until(lambda: not git_processes_under(gitbase))
+    # Normal fetches are well under the cap and still work.
+    assert "refs/heads/main" in (await git.run("ls-remote", f"{server.url}/proj.git")).stdout
+
+
+@pytest.mark.gen_test(timeout=120)
+async def test_sigterm_lets_running_transfer_finish(
+    spawn_server, git: GitClient, gitbase: Path, tmp_path: Path
+):
+    repo = make_repo(git, gitbase, "slow.git", commits=1)
+    work = tmp_path / "w"
+    git.sync("clone", "-q", str(repo), str(work))
+    (work / "noise.bin").write_bytes(os.urandom(16 * 1024 * 1024))
+    git.sync("add", ".", cwd=work)
+    git.sync("commit", "-q", "-m", "noise", cwd=work)
+    git.sync("push", "-q", "origin", "HEAD:main", cwd=work)
+    server = spawn_server("--gitbase", str(gitbase))
+    head = git.sync("rev-parse", "HEAD", cwd=work).strip()
+    want = b"0032want %s\n" % head.encode()
+    request = want + b"00000009done\n"
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(
+        b"POST /slow.git/git-upload-pack HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Content-Type: application/x-git-upload-pack-request\r\nContent-Length: %d\r\n\r\n"
+        % len(request)
+        + request
+    )
+    received = await reader.readexactly(64 * 1024)  # the transfer is under way, held back by us
+    server.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(0.5)
+    # New connections are refused while the running transfer drains.
+    with pytest.raises(OSError):
+        await asyncio.wait_for(asyncio.open_connection("127.0.0.1", server.port), 2)
+    assert server.proc.poll() is None
+    received += await asyncio.wait_for(reader.read(), 60)
+    writer.close()
+    assert received.endswith(b"0\r\n\r\n"), "the running clone was completed, not cut"
+    assert len(received) > 16 * 1024 * 1024
+    assert server.proc.wait(30) == 0
+    assert not git_processes_under(gitbase)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_embed_example(git: GitClient, repo: Path, gitbase: Path, tmp_path: Path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "examples" / "embed.py"), "--port", str(port), "--gitbase", str(gitbase)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "git at" in proc.stdout.readline()
+        page = await AsyncHTTPClient().fetch(f"http://127.0.0.1:{port}/")
+        assert page.headers["Content-Type"].startswith("text/html")
+        assert b"proj.git" in page.body
+        await git.run("clone", f"http://127.0.0.1:{port}/git/proj.git", str(tmp_path / "c"))
+        assert (tmp_path / "c" / "file1.txt").exists()
+        missing = await AsyncHTTPClient().fetch(
+            f"http://127.0.0.1:{port}/proj.git/info/refs", raise_error=False
+        )
+        assert missing.code == 404  # git lives under /git/ only
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_line = ci.strip().splitlines()[-1]
+    assert test_line in readme
