@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 
 from tornado import httputil
+from tornado.escape import utf8
 from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_request_body
 
 from .access import AccessDenied, AccessPolicy, Grant, Permission, ReadOnlyPolicy, check_access
 from .body import BodyDecoder
+from .observe import Metrics
 from .pipe import GitProcesses, GitProcessPipe
 from .repos import ConfigCache, GitConfig, Repository, config_bool
 from .services import GET_ANY_FILE, SERVICES, UPLOAD_PACK
@@ -62,12 +64,17 @@ class GitBackend:
 
     ``lookup`` maps a repository name from the URL to a
     :class:`~gittornado.repos.Repository` (or ``None``); ``policy`` decides
-    access; ``max_body_size`` caps request bodies (``None``: unlimited).
+    access; ``max_body_size`` caps request bodies (``None``: unlimited);
+    ``idle_timeout`` ends a transfer in which no byte moved either way for that
+    many seconds (``None``: never); ``processes`` holds the running git
+    processes and their cap; ``metrics``, when set, is served at ``/metrics``.
     """
 
     lookup: Lookup
     policy: AccessPolicy = field(default_factory=ReadOnlyPolicy)
     max_body_size: Optional[int] = None
+    idle_timeout: Optional[float] = None
+    metrics: Optional[Metrics] = None
     git: str = "git"
     configs: ConfigCache = field(default_factory=ConfigCache)
     processes: GitProcesses = field(default_factory=GitProcesses)
@@ -87,6 +94,13 @@ class GitRequestMixin:
 
     backend: GitBackend
     request: httputil.HTTPServerRequest
+    # What the access log reports about this request (see gittornado.observe).
+    user: Optional[str] = None
+    repository: Optional[str] = None
+    service_label: Optional[str] = None
+    bytes_in = 0
+    bytes_out = 0
+    client_gone = False
 
     def initialize(self, backend: GitBackend) -> None:
         self.backend = backend
@@ -94,10 +108,26 @@ class GitRequestMixin:
     async def open_repository(self, name: str, permission: Permission) -> Tuple[Repository, Grant]:
         """Resolve ``name`` and check ``permission`` on it, or raise the right HTTP error."""
         repo = await maybe_await(self.backend.lookup, name)
-        grant = await check_access(self.backend.policy, self.request, repo.name if repo else name, permission)
+        self.repository = repo.name if repo else name
+        grant = await check_access(self.backend.policy, self.request, self.repository, permission)
+        self.user = grant.user
         if repo is None:
             raise HTTPError(404, reason="Repository not found")
         return repo, grant
+
+    def on_connection_close(self) -> None:
+        """The client left before the response was complete: end the request, logged as 499."""
+        self.client_gone = True
+        super().on_connection_close()  # type: ignore[misc]
+        handler: RequestHandler = self  # type: ignore[assignment]
+        handler.set_status(499, reason="Client Closed Request")
+        handler.finish()
+
+    def write(self, chunk: Union[str, bytes, dict]) -> None:  # type: ignore[override]
+        """Count response bytes for the access log."""
+        if isinstance(chunk, (bytes, str)):
+            self.bytes_out += len(utf8(chunk))
+        super().write(chunk)  # type: ignore[misc]
 
     async def require_switch(self, repo: Repository, switch: str) -> GitConfig:
         """Return the repository's config, or 403 when it turns ``switch`` off."""
@@ -112,8 +142,9 @@ class GitRequestMixin:
         error = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(error, AccessDenied) and error.challenge:
             handler.set_header("WWW-Authenticate", error.challenge)
-        if isinstance(error, AccessDenied) and error.retry_after is not None:
-            handler.set_header("Retry-After", str(error.retry_after))
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None:
+            handler.set_header("Retry-After", str(retry_after))
         if status_code == 405:
             handler.set_header("Allow", ", ".join(handler.SUPPORTED_METHODS))
         handler.set_header("Content-Type", "text/plain; charset=utf-8")
@@ -127,7 +158,7 @@ class GitHandler(GitRequestMixin, RequestHandler):
 
     pipe: Optional[GitProcessPipe] = None
 
-    def start_git(
+    async def start_git(
         self,
         repo: Repository,
         grant: Grant,
@@ -162,11 +193,20 @@ class GitHandler(GitRequestMixin, RequestHandler):
             if config is None or key not in config:
                 argv += ["-c", f"{key}={value}"]
         argv += args
-        context = f"{repo.name} {label}"
-        self.pipe = GitProcessPipe.start(
-            argv, env, context, self.backend.processes, with_stdin, writes_repository
+        self.service_label = label
+        pipe = self.pipe = await GitProcessPipe.start(
+            argv,
+            env,
+            f"{repo.name} {label}",
+            self.backend.processes,
+            self.request.connection,  # type: ignore[arg-type]
+            idle_timeout=self.backend.idle_timeout,
+            with_stdin=with_stdin,
+            writes_repository=writes_repository,
         )
-        return self.pipe
+        if self.client_gone:  # it left while we waited for the policy or a process slot
+            pipe.abort()
+        return pipe
 
     def on_connection_close(self) -> None:
         if self.pipe is not None:
@@ -191,7 +231,7 @@ class InfoRefsHandler(GitHandler):
             await self.require_switch(repo, GET_ANY_FILE)
             # Generated from the live refs, so no `git update-server-info` is needed.
             args = ["--git-dir", repo.path, "for-each-ref", "--format=" + _FOR_EACH_REF_FORMAT]
-            pipe = self.start_git(repo, grant, "info/refs", args)
+            pipe = await self.start_git(repo, grant, "dumb", args)
             await pipe.respond(self, "text/plain; charset=utf-8")
             return
         service = SERVICES.get(service_name)
@@ -200,7 +240,9 @@ class InfoRefsHandler(GitHandler):
         repo, grant = await self.open_repository(name, service.permission)
         config = await self.require_switch(repo, service.switch)
         args = [*service.command, "--advertise-refs", repo.path]
-        pipe = self.start_git(repo, grant, service.name, args, config, dict(service.defaults))
+        pipe = await self.start_git(
+            repo, grant, f"info/refs:{service.name}", args, config, dict(service.defaults)
+        )
         # Protocol v2 has no service line; receive-pack has no v2 and answers v0.
         v2 = "version=2" in self.request.headers.get("Git-Protocol", "").split(":")
         prefix = b"" if v2 and service is UPLOAD_PACK else pkt_line(f"# service={service.name}\n") + b"0000"
@@ -234,7 +276,7 @@ class ServiceHandler(GitHandler):
         self.decoder = BodyDecoder(self.request.headers.get("Content-Encoding"), limit)
         self.service = service
         args = [*service.command, repo.path]
-        self.start_git(
+        await self.start_git(
             repo,
             grant,
             service.name,
@@ -246,6 +288,7 @@ class ServiceHandler(GitHandler):
         )
 
     async def data_received(self, chunk: bytes) -> None:
+        self.bytes_in += len(chunk)
         if self.pipe is None or self.decoder is None:
             return
         try:
@@ -281,6 +324,7 @@ class PackListHandler(GitHandler):
     async def get(self, name: str) -> None:
         repo, _ = await self.open_repository(name, Permission.READ)
         await self.require_switch(repo, GET_ANY_FILE)
+        self.service_label = "dumb"
         try:
             names = sorted(
                 entry.name
@@ -312,6 +356,7 @@ class RepositoryFileHandler(GitRequestMixin, StaticFileHandler):
     async def get(self, name: str, path: str, include_body: bool = True) -> None:  # type: ignore[override]
         repo, _ = await self.open_repository(name, Permission.READ)
         await self.require_switch(repo, GET_ANY_FILE)
+        self.service_label = "dumb"
         self.root = repo.path
         await super().get(path, include_body)
 
@@ -345,6 +390,34 @@ class RepositoryFileHandler(GitRequestMixin, StaticFileHandler):
     def set_extra_headers(self, path: str) -> None:
         for header, value in (_FOREVER if self._immutable() else _NO_CACHE).items():
             self.set_header(header, value)
+
+
+class HealthHandler(RequestHandler):
+    """``GET /healthz`` for load balancers: answers while the server is serving."""
+
+    SUPPORTED_METHODS = ("GET", "HEAD")
+
+    def get(self) -> None:
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.set_header("Cache-Control", "no-cache")
+        self.finish("ok\n")
+
+    def head(self) -> None:
+        self.get()
+
+
+class MetricsHandler(RequestHandler):
+    """``GET /metrics``: Prometheus text format, no authentication, no repository names."""
+
+    SUPPORTED_METHODS = ("GET",)
+
+    def initialize(self, backend: GitBackend) -> None:
+        self.metrics = backend.metrics
+
+    def get(self) -> None:
+        assert self.metrics is not None
+        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
+        self.finish(self.metrics.exposition())
 
 
 class NotFoundHandler(GitRequestMixin, RequestHandler):

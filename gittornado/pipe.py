@@ -14,6 +14,11 @@ pipe would leave them behind.  A git that only reads has its stdout closed, so
 a clone nobody will receive stops at its next write.  Whatever still runs
 after a grace period gets SIGTERM, then SIGKILL, sent to its whole process
 group (hooks, pack-objects, index-pack).  The process is always reaped.
+
+Two guards protect a small host: :class:`GitProcesses` caps how many git
+processes run at once (a request beyond waits briefly for a slot, then gets
+503), and an idle timeout ends an exchange in which no byte has moved either
+way for too long, so a stalled client cannot hold a git process forever.
 """
 
 from __future__ import annotations
@@ -22,12 +27,16 @@ import logging
 import os
 import signal
 import subprocess
+from datetime import timedelta
 from typing import Dict, List, Optional, Set
 
+from tornado.httputil import HTTPConnection
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
+from tornado.locks import Semaphore
 from tornado.process import Subprocess
-from tornado.web import RequestHandler
+from tornado.util import TimeoutError as WaitTimeout
+from tornado.web import HTTPError, RequestHandler
 
 log = logging.getLogger("gittornado")
 
@@ -43,15 +52,41 @@ KILL_GRACE = 2.0
 MAX_LOG_LINE = 1000
 
 
+class Busy(HTTPError):
+    """503: every git process slot stayed taken; ``retry_after`` says when to try again."""
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__(503, reason="Too many git processes running; retry shortly")
+        self.retry_after = retry_after
+
+
 class GitProcesses:
-    """The git processes one server has running.
+    """The git processes one server has running, and the cap on their number.
 
     Shared by all requests of an application, so shutdown can wait for running
-    transfers and then end what is left.
+    transfers and then end what is left.  With a ``limit``, a request waits up
+    to ``queue_timeout`` seconds for a free slot before it is refused.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limit: Optional[int] = None, queue_timeout: float = 10.0) -> None:
         self.running: Set[GitProcessPipe] = set()
+        self.limit = limit
+        self.queue_timeout = queue_timeout
+        self._slots = Semaphore(limit) if limit else None
+
+    async def reserve(self) -> None:
+        """Take a slot for one git process, waiting for one if need be."""
+        if self._slots is None:
+            return
+        try:
+            await self._slots.acquire(timeout=timedelta(seconds=self.queue_timeout))
+        except WaitTimeout:
+            raise Busy(retry_after=max(1, round(self.queue_timeout))) from None
+
+    def release(self) -> None:
+        """Give back the slot of a git process that has exited."""
+        if self._slots is not None:
+            self._slots.release()
 
     def abort_all(self) -> None:
         """Terminate every running git process (used at the end of shutdown)."""
@@ -68,49 +103,76 @@ class GitProcessPipe:
     """
 
     def __init__(
-        self, proc: Subprocess, context: str, registry: GitProcesses, writes_repository: bool
+        self,
+        proc: Subprocess,
+        context: str,
+        registry: GitProcesses,
+        connection: HTTPConnection,
+        idle_timeout: Optional[float],
+        writes_repository: bool,
     ) -> None:
         self._proc = proc
         self._context = context
+        self._connection = connection
+        self._idle_timeout = idle_timeout
         self._writes_repository = writes_repository
-        self._draining = False
-        self._escalation: Optional[object] = None
-        self._exit = proc.wait_for_exit(raise_error=False)
         self._stdin_open = proc.stdin is not None
-        IOLoop.current().spawn_callback(self._drain_stderr)
+        self._draining = False
+        self._ended = False
+        self._aborted = False
+        self._escalation: Optional[object] = None
+        #: git's exit status once it has exited (the access log reports it).
+        self.exit_status: Optional[int] = None
+        self._exit = proc.wait_for_exit(raise_error=False)
+        self._exit.add_done_callback(lambda _: self._exited(registry))
         registry.running.add(self)
-        self._exit.add_done_callback(lambda _: registry.running.discard(self))
+        loop = IOLoop.current()
+        loop.spawn_callback(self._drain_stderr)
+        self._last_activity = loop.time()
+        if idle_timeout:
+            loop.call_later(idle_timeout, self._check_idle)
 
     @classmethod
-    def start(
+    async def start(
         cls,
         argv: List[str],
         env: Dict[str, str],
         context: str,
         registry: GitProcesses,
-        with_stdin: bool,
+        connection: HTTPConnection,
+        *,
+        idle_timeout: Optional[float] = None,
+        with_stdin: bool = False,
         writes_repository: bool = False,
     ) -> GitProcessPipe:
         """Spawn ``argv`` in its own process group with piped stdout and stderr.
 
+        Waits for a slot in ``registry`` first (raising :class:`Busy`).
         ``writes_repository`` says git may change the repository (receive-pack),
-        which decides how :meth:`abort` winds it down.
+        which decides how :meth:`abort` winds it down.  ``connection`` is
+        closed when no byte has moved either way for ``idle_timeout`` seconds.
         """
-        proc = Subprocess(
-            argv,
-            stdin=Subprocess.STREAM if with_stdin else subprocess.DEVNULL,
-            stdout=Subprocess.STREAM,
-            stderr=Subprocess.STREAM,
-            env=env,
-            start_new_session=True,
-        )
+        await registry.reserve()
+        try:
+            proc = Subprocess(
+                argv,
+                stdin=Subprocess.STREAM if with_stdin else subprocess.DEVNULL,
+                stdout=Subprocess.STREAM,
+                stderr=Subprocess.STREAM,
+                env=env,
+                start_new_session=True,
+            )
+        except OSError as error:
+            registry.release()
+            log.error("%s: cannot run git: %s", context, error)
+            raise HTTPError(500, reason="Cannot run git; see the server log") from None
         proc.stdout.read_chunk_size = CHUNK_SIZE
-        return cls(proc, context, registry, writes_repository)
+        return cls(proc, context, registry, connection, idle_timeout, writes_repository)
 
-    @property
-    def pid(self) -> int:
-        """git's process id (also its process group id)."""
-        return self._proc.pid
+    def _exited(self, registry: GitProcesses) -> None:
+        self.exit_status = self._exit.result()
+        registry.running.discard(self)
+        registry.release()
 
     async def write(self, data: bytes) -> None:
         """Write request-body bytes to git's stdin, waiting until they are taken.
@@ -118,6 +180,7 @@ class GitProcessPipe:
         If git has stopped reading (it exited, or refused the request), the
         rest of the body is discarded; git's answer still goes to the client.
         """
+        self._touch()
         if not self._stdin_open or not data:
             return
         try:
@@ -143,21 +206,26 @@ class GitProcessPipe:
         if not chunk:
             status = await self._exit
             if status != 0:
+                self._ended = True
                 log.warning("%s: git exited with status %s before any output", self._context, status)
                 handler.send_error(500, reason="git failed; see the server log")
                 return
         handler.set_header("Content-Type", content_type)
         chunk = prefix + chunk
         try:
-            while chunk:
+            while chunk and not self._aborted:
                 handler.write(chunk)
                 await handler.flush()
+                self._touch()
                 chunk = await self._read()
         except StreamClosedError:
             log.info("%s: client went away mid-transfer", self._context)
             self.abort()
+        if self._aborted:
+            self._discard_rest()
             return
         status = await self._exit
+        self._ended = True
         if status != 0:
             log.warning(
                 "%s: git exited with status %s mid-transfer; aborting response", self._context, status
@@ -174,6 +242,21 @@ class GitProcessPipe:
             return await self._proc.stdout.read_bytes(CHUNK_SIZE, partial=True)
         except StreamClosedError:
             return b""
+
+    def _touch(self) -> None:
+        self._last_activity = IOLoop.current().time()
+
+    def _check_idle(self) -> None:
+        """End the exchange once no byte has moved either way for the idle timeout."""
+        if self._ended or not self._idle_timeout:
+            return
+        idle = IOLoop.current().time() - self._last_activity
+        if idle < self._idle_timeout:
+            IOLoop.current().call_later(self._idle_timeout - idle, self._check_idle)
+            return
+        log.warning("%s: no data moved for %.0fs; closing the connection", self._context, idle)
+        self.abort()
+        self._connection.close()
 
     async def _drain_stderr(self) -> None:
         """Log git's stderr line by line as it comes, so its pipe never fills."""
@@ -202,17 +285,21 @@ class GitProcessPipe:
 
         Safe to call more than once, and while :meth:`respond` is running.
         """
+        self._ended = self._aborted = True
         self.close_stdin()
-        if self._writes_repository:
-            # respond() may still be reading; it calls abort() again when its write fails.
-            if not self._draining and not self._proc.stdout.reading():
-                self._draining = True
-                IOLoop.current().spawn_callback(self._discard_stdout)
-        else:
-            self._proc.stdout.close()
+        if not self._proc.stdout.reading():  # else respond() is reading, and calls this when it stops
+            self._discard_rest()
         if self._escalation is None and not self._exit.done():
             grace = WRITER_EXIT_GRACE if self._writes_repository else EXIT_GRACE
             self._escalation = IOLoop.current().call_later(grace, self._escalate, signal.SIGTERM)
+
+    def _discard_rest(self) -> None:
+        """Drain receive-pack's output so it can finish cleanly; cut a reader's."""
+        if not self._writes_repository:
+            self._proc.stdout.close()
+        elif not self._draining:
+            self._draining = True
+            IOLoop.current().spawn_callback(self._discard_stdout)
 
     async def _discard_stdout(self) -> None:
         while await self._read():
@@ -222,7 +309,7 @@ class GitProcessPipe:
         if self._exit.done():
             return
         log.warning(
-            "%s: git still running after the client left; sending %s",
+            "%s: git still running after the exchange ended; sending %s",
             self._context,
             signal.Signals(signum).name,
         )
@@ -232,7 +319,3 @@ class GitProcessPipe:
             return
         if signum == signal.SIGTERM:
             IOLoop.current().call_later(KILL_GRACE, self._escalate, signal.SIGKILL)
-
-    async def wait(self) -> Optional[int]:
-        """Wait for git to exit and return its status."""
-        return await self._exit

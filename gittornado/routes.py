@@ -16,8 +16,10 @@ from tornado.web import URLSpec
 from .access import AccessPolicy, ReadOnlyPolicy
 from .handlers import (
     GitBackend,
+    HealthHandler,
     InfoRefsHandler,
     Lookup,
+    MetricsHandler,
     PackListHandler,
     RepositoryFileHandler,
     ServiceHandler,
@@ -63,12 +65,21 @@ def git_routes(
 
 
 def routes_for(backend: GitBackend, prefix: str = "") -> List[Rule]:
-    """The URL table for an existing :class:`~gittornado.handlers.GitBackend`."""
-    repo = re.escape(prefix.rstrip("/")) + "/(.+?)"
+    """The URL table for an existing :class:`~gittornado.handlers.GitBackend`.
+
+    ``<prefix>/healthz`` and (when the backend has metrics) ``<prefix>/metrics``
+    cannot collide with a repository: every repository URL has a suffix.
+    """
+    base = re.escape(prefix.rstrip("/"))
+    repo = base + "/(.+?)"
     args = {"backend": backend}
-    return [
+    routes = [
         URLSpec(rf"{repo}/info/refs", InfoRefsHandler, args),
         URLSpec(rf"{repo}/objects/info/packs", PackListHandler, args),
         URLSpec(rf"{repo}/({_TEXT_FILE}|{_LOOSE_OBJECT}|{_PACK_FILE})", RepositoryFileHandler, args),
         URLSpec(rf"{repo}/({_SERVICE})", ServiceHandler, args),
+        URLSpec(rf"{base}/healthz", HealthHandler),
     ]
+    if backend.metrics is not None:
+        routes.append(URLSpec(rf"{base}/metrics", MetricsHandler, args))
+    return routes

@@ -61,6 +61,9 @@ RECEIVE_PACK = Service(
     permission=Permission.WRITE,
     switch="http.receivepack",
     advertises=True,
+    # Check every pushed object before it lands; a malformed one is refused
+    # with git's reason and nothing of the push is written.
+    defaults={"receive.fsckobjects": "true"},
 )
 
 # upload-archive answers one request and exits, so it has no --stateless-rpc.

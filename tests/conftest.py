@@ -95,7 +95,13 @@ class GitClient:
             raise AssertionError(f"git {' '.join(args)} failed ({result.returncode}):\n{result.stderr}")
         return result
 
-    def sync(self, *args: str, cwd: Optional[Path] = None, env: Optional[Dict[str, str]] = None) -> str:
+    def sync(
+        self,
+        *args: str,
+        cwd: Optional[Path] = None,
+        env: Optional[Dict[str, str]] = None,
+        input: Optional[str] = None,
+    ) -> str:
         return subprocess.run(
             ["git", *args],
             cwd=cwd,
@@ -103,6 +109,7 @@ class GitClient:
             check=True,
             capture_output=True,
             text=True,
+            input=input,
         ).stdout
 
 
@@ -159,6 +166,12 @@ def backend(gitbase: Path, policy: AccessPolicy) -> GitBackend:
 def app(backend: GitBackend):
     """The application pytest-tornado serves on ``base_url``."""
     return make_application(backend)
+
+
+@pytest.fixture
+def base_url(http_server, http_port: int) -> str:
+    """URL of the in-process server; unlike pytest-tornado's own, it starts the server."""
+    return f"http://127.0.0.1:{http_port}"
 
 
 def git_processes_under(path: Path) -> List[int]:
@@ -252,3 +265,62 @@ def spawn_server():
     yield start
     for server in servers:
         server.stop()
+
+
+async def raw_http(port: int, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send ``request`` bytes verbatim over TCP and return everything until the server closes.
+
+    For requests an ordinary client would not send (HTTP/1.0, dot segments,
+    broken framing); the connection is half-closed after sending when the
+    request carries ``Connection: close``.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), timeout)
+    finally:
+        writer.close()
+
+
+def parse_response(raw: bytes) -> tuple[int, Dict[str, str], bytes]:
+    """Split a raw HTTP/1.x response into status, headers (lower-cased names) and body."""
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return status, headers, body
+
+
+# Deployment: real gittornado, nginx and Apache httpd processes (see tests/deploy_helpers.py).
+
+import deploy_helpers  # noqa: E402  (kept with the fixtures that use it)
+
+
+@pytest.fixture
+def services(tmp_path: Path) -> Iterator[deploy_helpers.Services]:
+    """Starts gittornado, nginx and Apache for one test; all are stopped after it."""
+    started = deploy_helpers.Services(tmp_path / "services")
+    yield started
+    started.stop_all()
+
+
+@pytest.fixture(scope="session")
+def big_repo(tmp_path_factory: pytest.TempPathFactory, git_home: Path) -> Iterator[Path]:
+    """A work tree with 300 MB of random data on main, made once and pushed by several tests."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env.update(HOME=str(git_home), GIT_CONFIG_NOSYSTEM="1")
+    env.update(GIT_AUTHOR_NAME="Big", GIT_AUTHOR_EMAIL="big@example.com")
+    env.update(GIT_COMMITTER_NAME="Big", GIT_COMMITTER_EMAIL="big@example.com")
+    path = deploy_helpers.make_big_repo(tmp_path_factory.mktemp("big"), env)
+    yield path
+    deploy_helpers.remove_tree(path)
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (certificate file, key file)."""
+    return deploy_helpers.make_certificate(tmp_path_factory.mktemp("tls"))

@@ -75,7 +75,7 @@ async def test_spawned_server_serves_clone_and_refuses_push(
     assert push.returncode != 0 and "403" in push.stderr
     assert "refs/heads/x" not in git.sync("for-each-ref", cwd=repo)
     # One access-log line per request reaches the log.
-    assert "GET /proj/info/refs?service=git-upload-pack" in server.log()
+    assert "repo=proj.git service=info/refs:git-upload-pack method=GET status=200" in server.log()
 
 
 @pytest.mark.gen_test(timeout=60)
