@@ -28,6 +28,17 @@ def head_of(git: GitClient, repo: Path) -> str:
     return git.sync("rev-parse", "refs/heads/main", cwd=repo).strip()
 
 
+def add_local_commits(git: GitClient, work: Path, count: int) -> None:
+    """``count`` commits on main that the server lacks, in one fast-import run."""
+    stream = "".join(
+        f"commit refs/heads/main\ncommitter L <l@example.com> {1_800_000_000 + i} +0000\ndata 4\nl{i:03d}\n"
+        + ("from refs/heads/main^0\n" if i == 0 else "")
+        + "\n"
+        for i in range(count)
+    )
+    git.sync("fast-import", "--quiet", cwd=work, input=stream)
+
+
 def dechunk(raw: bytes) -> tuple[bytes, bool]:
     """Decode a chunked body; also say whether the terminating zero chunk arrived."""
     body, rest = b"", raw
@@ -46,8 +57,7 @@ async def test_fetch_with_many_haves_sends_gzip(git: GitClient, repo: Path, base
     await git.run("clone", f"{base_url}/proj.git", str(work))
     # Many local commits the server lacks: each becomes a "have" line, so the
     # negotiation request grows past the size where git gzips it.
-    for i in range(200):
-        git.sync("commit", "-q", "--allow-empty", "-m", f"local {i}", cwd=work)
+    add_local_commits(git, work, 200)
     other = tmp_path / "other"
     git.sync("clone", "-q", str(repo), str(other))
     git.sync("commit", "-q", "--allow-empty", "-m", "server side", cwd=other)
@@ -388,3 +398,38 @@ async def test_200mb_clone_and_push_keep_server_memory_flat(
     assert (push_rss.peak - baseline) < 20 * mib, (
         f"push grew RSS by {(push_rss.peak - baseline) / mib:.1f} MiB"
     )
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_gzip_bodies_work_when_the_server_decompresses_itself(
+    app, git: GitClient, repo: Path, tmp_path: Path
+):
+    from tornado.httpclient import AsyncHTTPClient
+    from tornado.httpserver import HTTPServer
+    from tornado.testing import bind_unused_port
+
+    sock, port = bind_unused_port()
+    server = HTTPServer(app, decompress_request=True)
+    server.add_sockets([sock])
+    try:
+        response = await AsyncHTTPClient().fetch(
+            f"http://127.0.0.1:{port}/proj.git/git-upload-pack",
+            method="POST",
+            body=gzip.compress(want_request(head_of(git, repo))),
+            headers={"Content-Type": "application/x-git-upload-pack-request", "Content-Encoding": "gzip"},
+        )
+        assert response.body.startswith(b"0008NAK\nPACK")
+        # A real fetch that gzips its negotiation, through the decompressing server.
+        work = tmp_path / "w"
+        await git.run("clone", f"http://127.0.0.1:{port}/proj.git", str(work))
+        add_local_commits(git, work, 200)
+        other = tmp_path / "other"
+        git.sync("clone", "-q", str(repo), str(other))
+        git.sync("commit", "-q", "--allow-empty", "-m", "server side", cwd=other)
+        git.sync("push", "-q", "origin", "HEAD:refs/heads/main", cwd=other)
+        trace = {"GIT_TRACE_CURL": "1", "GIT_TRACE_CURL_NO_DATA": "1"}
+        result = await git.run("-c", "protocol.version=0", "fetch", "origin", cwd=work, env=trace)
+        assert "Content-Encoding: gzip" in result.stderr
+        assert git.sync("rev-parse", "origin/main", cwd=work).strip() == head_of(git, repo)
+    finally:
+        server.stop()
