@@ -9,9 +9,23 @@ setup(
     license="Apache-2.0",
     packages=find_packages(include=["gittornado", "gittornado.*"]),
     python_requires=">=3.9",
-    install_requires=["tornado>=6.0,<7"],
-    extras_require={"test": ["pytest>=7", "pytest-tornado>=0.8"]},
-    entry_points={"console_scripts": ["gittornado=gittornado.server:main"]},
+    install_requires=[
+        "tornado>=6.0,<7",
+        # passlib's maintained fork (imported as passlib): htpasswd's hash formats
+        "libpass>=1.9",
+        "bcrypt>=4.1",
+    ],
+    extras_require={
+        "metrics": ["prometheus-client>=0.17"],
+        "test": ["pytest>=7", "pytest-tornado>=0.8", "hypothesis>=6", "prometheus-client>=0.17"],
+        "bench": ["matplotlib"],
+    },
+    entry_points={
+        "console_scripts": [
+            "gittornado=gittornado.server:main",
+            "gittornado-passwd=gittornado.passwd:main",
+        ]
+    },
     classifiers=[
         "License :: OSI Approved :: Apache Software License",
         "Programming Language :: Python :: 3",

@@ -26,7 +26,8 @@ from .util import maybe_await
 
 Lookup = Callable[[str], Union[Optional[Repository], Awaitable[Optional[Repository]]]]
 
-#: Variables that would make git look at another repository than the one named.
+#: Never inherited from the server's environment: variables that would point git at
+#: another repository than the one named, and those set per request.
 _REPOSITORY_ENV = frozenset(
     (
         "GIT_DIR",

@@ -52,6 +52,11 @@ def clean_name(name: str) -> Optional[str]:
     parts = name.split("/")
     if any(part in ("", ".", "..") for part in parts):
         return None
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        # A lone surrogate ("\ud800") names no file; os.path.realpath would raise on it.
+        return None
     return name
 
 

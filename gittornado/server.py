@@ -12,18 +12,24 @@ import logging
 import os
 import re
 import signal
+import socket
+import ssl
 import sys
 from typing import List, Optional
 
 from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
+from tornado.process import cpu_count
 from tornado.web import Application
 
 from . import __version__
 from .access import AccessPolicy, ReadOnlyPolicy
 from .handlers import GitBackend, NotFoundHandler
+from .observe import Metrics, RequestObserver
+from .pipe import GitProcesses
 from .repos import RepositoryRoot
 from .routes import routes_for
+from .workers import WorkerPool
 
 log = logging.getLogger("gittornado")
 
@@ -40,11 +46,27 @@ def parse_size(text: str) -> int:
 
 
 def make_application(backend: GitBackend, prefix: str = "") -> Application:
-    """An Application that serves only git, with plain-text 404s elsewhere."""
-    return Application(routes_for(backend, prefix), default_handler_class=NotFoundHandler)
+    """An Application that serves only git, with plain-text 404s elsewhere.
+
+    Requests are logged (and counted, with metrics) by a :class:`RequestObserver`.
+    """
+    return Application(
+        routes_for(backend, prefix),
+        default_handler_class=NotFoundHandler,
+        log_function=RequestObserver(backend.metrics).log_request,
+    )
+
+
+def url_prefix(text: str) -> str:
+    """Normalize a ``--prefix``: ``git``, ``/git`` and ``/git/`` all mean ``/git``; ``/`` means none."""
+    parts = [part for part in text.split("/") if part]
+    if any(part in (".", "..") for part in parts) or any(c in text for c in "?#%\\"):
+        raise argparse.ArgumentTypeError(f"not a URL path: {text!r} (example: /git)")
+    return "".join("/" + part for part in parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``gittornado``."""
     parser = argparse.ArgumentParser(
         prog="gittornado",
         description="Serve a directory of git repositories over HTTP (smart and dumb protocols).",
@@ -78,6 +100,59 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM/SIGINT, how long running transfers may take to finish (default: 30)",
     )
     parser.add_argument(
+        "--prefix",
+        type=url_prefix,
+        default="",
+        metavar="PATH",
+        help="serve the repositories under this URL path, e.g. /git (default: at the root)",
+    )
+    parser.add_argument(
+        "--xheaders",
+        action="store_true",
+        help="take the client address and scheme from X-Real-IP, X-Forwarded-For and "
+        "X-Forwarded-Proto; only behind a reverse proxy that sets them (default: off)",
+    )
+    parser.add_argument("--certfile", help="serve HTTPS with this PEM certificate (chain)")
+    parser.add_argument(
+        "--keyfile", help="the certificate's PEM private key (default: read it from --certfile)"
+    )
+    parser.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        metavar="N",
+        help="worker processes sharing the socket; 0 means one per CPU (default: 1)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="end a transfer in which no byte moved either way for this long (default: 300; 0: never)",
+    )
+    parser.add_argument(
+        "--header-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="close a connection whose request headers take longer than this, "
+        "including idle keep-alive connections (default: 60)",
+    )
+    parser.add_argument(
+        "--max-git-processes",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run at most N git processes at once (per worker process); requests beyond wait "
+        "up to 10 seconds, then get 503 with Retry-After (default: no limit)",
+    )
+    parser.add_argument(
+        "--metrics",
+        action="store_true",
+        help="serve Prometheus metrics at <prefix>/metrics, without authentication and without "
+        "repository names (needs prometheus_client); <prefix>/healthz is always served",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -90,36 +165,81 @@ def build_parser() -> argparse.ArgumentParser:
 def load_policy(args: argparse.Namespace) -> AccessPolicy:
     """The access policy the options ask for."""
     if args.accessfile:
-        from .access import IniPolicy
+        from .access import AccessFileError, IniPolicy
 
-        return IniPolicy(args.accessfile, realm=args.realm)
+        try:
+            return IniPolicy(args.accessfile, realm=args.realm)
+        except (OSError, AccessFileError) as error:
+            raise SystemExit(f"gittornado: --accessfile: {error}") from None
     return ReadOnlyPolicy()
 
 
-async def serve(args: argparse.Namespace) -> None:
-    """Run the server until SIGTERM or SIGINT, then shut down gracefully."""
-    root = os.path.realpath(args.gitbase)
-    if not os.path.isdir(root):
-        raise SystemExit(f"gittornado: --gitbase {args.gitbase}: not a directory")
-    backend = GitBackend(
-        lookup=RepositoryRoot(root), policy=load_policy(args), max_body_size=args.max_body_size
-    )
-    server = HTTPServer(make_application(backend))
+def listen(args: argparse.Namespace) -> List[socket.socket]:
+    """Bind the listening sockets (before any fork, so every worker shares them)."""
     try:
-        sockets = bind_sockets(args.port, args.address or None)
+        return bind_sockets(args.port, args.address or None)
     except OSError as error:
         where = f"{args.address or '*'}:{args.port}"
         raise SystemExit(f"gittornado: cannot listen on {where}: {error.strerror}") from None
-    server.add_sockets(sockets)
-    port = sockets[0].getsockname()[1]
+
+
+def tls_context(args: argparse.Namespace) -> Optional[ssl.SSLContext]:
+    """The server-side TLS context for ``--certfile``/``--keyfile``, or None for plain HTTP."""
+    if not args.certfile:
+        if args.keyfile:
+            raise SystemExit("gittornado: --keyfile needs --certfile")
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(args.certfile, args.keyfile)
+    except (OSError, ssl.SSLError) as error:
+        raise SystemExit(f"gittornado: cannot use certificate {args.certfile}: {error}") from None
+    return context
+
+
+def startup_line(args: argparse.Namespace, root: str, port: int, tls: bool, processes: int) -> str:
+    """The one line printed on startup; tests and scripts read the URL (and port) from it."""
     host = args.address or "0.0.0.0"
+    if ":" in host:
+        host = f"[{host}]"
+    url = f"{'https' if tls else 'http'}://{host}:{port}{args.prefix}/"
     access = f"access rules from {args.accessfile}" if args.accessfile else "anyone may read, nobody may push"
-    print(f"gittornado {__version__} serving {root} at http://{host}:{port}/ ({access})", flush=True)
+    notes = [access]
+    if processes > 1:
+        notes.append(f"{processes} worker processes")
+    return f"gittornado {__version__} serving {root} at {url} ({'; '.join(notes)})"
+
+
+async def serve(
+    args: argparse.Namespace,
+    sockets: List[socket.socket],
+    policy: AccessPolicy,
+    tls: Optional[ssl.SSLContext],
+) -> None:
+    """Serve on ``sockets`` until SIGTERM or SIGINT, then shut down gracefully."""
+    processes = GitProcesses(limit=args.max_git_processes)
+    backend = GitBackend(
+        lookup=RepositoryRoot(os.path.realpath(args.gitbase)),
+        policy=policy,
+        max_body_size=args.max_body_size,
+        idle_timeout=args.idle_timeout or None,
+        processes=processes,
+        metrics=Metrics(processes) if args.metrics else None,
+    )
+    server = HTTPServer(
+        make_application(backend, args.prefix),
+        xheaders=args.xheaders,
+        ssl_options=tls,
+        idle_connection_timeout=args.header_timeout,
+    )
+    server.add_sockets(sockets)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if callable(getattr(policy, "reload", None)):
+        loop.add_signal_handler(signal.SIGHUP, policy.reload)  # type: ignore[attr-defined]
     await stop.wait()
     log.info(
         "shutting down: no new connections; waiting up to %gs for %d running transfers",
@@ -135,14 +255,41 @@ async def serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
-    """Entry point of the ``gittornado`` command."""
+    """Entry point of the ``gittornado`` command.
+
+    Everything that can fail on bad options (the repository root, the access
+    file, the certificate, the port) is checked here, once, before any worker
+    is forked, so a mistake stops the command instead of a restart loop.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
         stream=sys.stderr,
     )
-    asyncio.run(serve(args))
+    root = os.path.realpath(args.gitbase)
+    if not os.path.isdir(root):
+        raise SystemExit(f"gittornado: --gitbase {args.gitbase}: not a directory")
+    if args.max_git_processes is not None and args.max_git_processes < 1:
+        raise SystemExit("gittornado: --max-git-processes must be 1 or more")
+    if args.metrics:
+        try:
+            import prometheus_client  # noqa: F401
+        except ImportError:
+            raise SystemExit(
+                "gittornado: --metrics needs prometheus_client: pip install 'gittornado[metrics]'"
+            ) from None
+    if args.processes < 0:
+        raise SystemExit("gittornado: --processes must be 0 (one per CPU) or more")
+    processes = args.processes or cpu_count()
+    policy = load_policy(args)
+    tls = tls_context(args)
+    sockets = listen(args)
+    port = sockets[0].getsockname()[1]
+    print(startup_line(args, root, port, tls is not None, processes), flush=True)
+    if processes > 1 and WorkerPool(processes, sockets).run() is None:
+        return  # the parent, after every worker has stopped
+    asyncio.run(serve(args, sockets, policy, tls))
 
 
 if __name__ == "__main__":
