@@ -11,25 +11,37 @@ __version__ = "0.1.0"
 from .access import (  # noqa: E402
     AccessPolicy,
     AuthenticationFailed,
+    FailureThrottle,
+    IniPolicy,
     OpenPolicy,
     Permission,
     ReadOnlyPolicy,
 )
 from .handlers import (  # noqa: E402
     GitBackend,
+    HealthHandler,
     InfoRefsHandler,
+    MetricsHandler,
     PackListHandler,
     RepositoryFileHandler,
     ServiceHandler,
 )
+from .observe import Metrics, RequestObserver  # noqa: E402
+from .pipe import GitProcesses  # noqa: E402
 from .repos import Repository, RepositoryRoot, resolve_repository  # noqa: E402
 from .routes import git_routes, routes_for  # noqa: E402
 
 __all__ = [
     "AccessPolicy",
     "AuthenticationFailed",
+    "FailureThrottle",
+    "IniPolicy",
     "GitBackend",
+    "HealthHandler",
+    "MetricsHandler",
+    "GitProcesses",
     "InfoRefsHandler",
+    "Metrics",
     "OpenPolicy",
     "PackListHandler",
     "Permission",
@@ -37,6 +49,7 @@ __all__ = [
     "Repository",
     "RepositoryFileHandler",
     "RepositoryRoot",
+    "RequestObserver",
     "ServiceHandler",
     "git_routes",
     "resolve_repository",

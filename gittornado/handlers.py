@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 
 from tornado import httputil
+from tornado.concurrent import Future
 from tornado.escape import utf8
 from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_request_body
 
@@ -102,6 +103,7 @@ class GitRequestMixin:
     bytes_in = 0
     bytes_out = 0
     client_gone = False
+    completed = False
 
     def initialize(self, backend: GitBackend) -> None:
         self.backend = backend
@@ -117,18 +119,37 @@ class GitRequestMixin:
         return repo, grant
 
     def on_connection_close(self) -> None:
-        """The client left before the response was complete: end the request, logged as 499."""
+        """The client left: end the request now, logged as 499, unless it had already ended.
+
+        (Tornado calls this for streaming handlers even after they finished.)
+        A handler still at work when this happens may go on writing and
+        finishing; :meth:`write` and :meth:`finish` then do nothing.
+        """
         self.client_gone = True
         super().on_connection_close()  # type: ignore[misc]
-        handler: RequestHandler = self  # type: ignore[assignment]
-        handler.set_status(499, reason="Client Closed Request")
-        handler.finish()
+        if not self.completed:
+            handler: RequestHandler = self  # type: ignore[assignment]
+            handler.set_status(499, reason="Client Closed Request")
+            handler.finish()
+
+    def on_finish(self) -> None:
+        self.completed = True
+        super().on_finish()  # type: ignore[misc]
 
     def write(self, chunk: Union[str, bytes, dict]) -> None:  # type: ignore[override]
         """Count response bytes for the access log."""
+        if self.client_gone and self.completed:
+            return
         if isinstance(chunk, (bytes, str)):
             self.bytes_out += len(utf8(chunk))
         super().write(chunk)  # type: ignore[misc]
+
+    def finish(self, chunk: Union[str, bytes, dict, None] = None) -> Future[None]:  # type: ignore[override]
+        if self.client_gone and self.completed:
+            done: Future[None] = Future()
+            done.set_result(None)
+            return done
+        return super().finish(chunk)  # type: ignore[misc]
 
     async def require_switch(self, repo: Repository, switch: str) -> GitConfig:
         """Return the repository's config, or 403 when it turns ``switch`` off."""
@@ -259,6 +280,8 @@ class ServiceHandler(GitHandler):
     def initialize(self, backend: GitBackend) -> None:  # type: ignore[override]
         super().initialize(backend)
         self.decoder: Optional[BodyDecoder] = None
+        # The body's last byte, kept from git until the whole request has arrived.
+        self.held_back = b""
 
     async def prepare(self) -> None:
         name, service_name = self.path_args
@@ -294,7 +317,13 @@ class ServiceHandler(GitHandler):
             return
         try:
             for piece in self.decoder.decode(chunk):
-                await self.pipe.write(piece)
+                # git acts once its payload is complete (receive-pack updates refs when
+                # the pack's last byte is in), which can be before the HTTP body is.
+                # Holding one byte back until post() means a request cut short always
+                # reaches git incomplete, so it changes nothing.
+                await self.pipe.write(self.held_back)
+                await self.pipe.write(piece[:-1])
+                self.held_back = piece[-1:]
         except HTTPError as error:
             self._refuse(error)
 
@@ -306,7 +335,8 @@ class ServiceHandler(GitHandler):
         except HTTPError as error:
             self._refuse(error)
             return
-        self.pipe.close_stdin()
+        await self.pipe.write(self.held_back)
+        await self.pipe.end_input()
         await self.pipe.respond(self, self.service.result_type)
 
     def _refuse(self, error: HTTPError) -> None:

@@ -15,6 +15,12 @@ a clone nobody will receive stops at its next write.  Whatever still runs
 after a grace period gets SIGTERM, then SIGKILL, sent to its whole process
 group (hooks, pack-objects, index-pack).  The process is always reaped.
 
+Spawning git happens on a small thread pool: ``fork``/``exec`` blocks the
+calling thread until the child has exec'd, which on a busy host is long enough
+to stall every other request if done on the event loop.  Exits are watched
+with a pidfd on the loop (a waiting thread where pidfds are missing), so no
+process-wide SIGCHLD handler is needed.
+
 Two guards protect a small host: :class:`GitProcesses` caps how many git
 processes run at once (a request beyond waits briefly for a slot, then gets
 503), and an idle timeout ends an exchange in which no byte has moved either
@@ -23,18 +29,23 @@ way for too long, so a stalled client cannot hold a git process forever.
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
+import functools
 import logging
 import os
 import signal
 import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Dict, List, Optional, Set
 
+from tornado.concurrent import Future, future_set_result_unless_cancelled
 from tornado.httputil import HTTPConnection
 from tornado.ioloop import IOLoop
-from tornado.iostream import StreamClosedError
+from tornado.iostream import PipeIOStream, StreamClosedError
 from tornado.locks import Semaphore
-from tornado.process import Subprocess
 from tornado.util import TimeoutError as WaitTimeout
 from tornado.web import HTTPError, RequestHandler
 
@@ -42,6 +53,9 @@ log = logging.getLogger("gittornado")
 
 #: Bytes read from git's stdout at a time.
 CHUNK_SIZE = 256 * 1024
+#: Kernel buffer of each pipe to and from git (Linux's default is 64 KiB), so git
+#: keeps working while the loop is busy with other requests.
+PIPE_SIZE = 1024 * 1024
 #: Seconds an aborted read-only git gets to exit by itself, before SIGTERM.
 EXIT_GRACE = 1.0
 #: The same for receive-pack, which may be finishing a push whose body arrived whole.
@@ -73,6 +87,36 @@ class GitProcesses:
         self.limit = limit
         self.queue_timeout = queue_timeout
         self._slots = Semaphore(limit) if limit else None
+        self._spawner = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gittornado-spawn")
+
+    async def spawn(self, argv: List[str], env: Dict[str, str], with_stdin: bool) -> GitChild:
+        """Start ``argv`` off the event loop, in its own process group, with piped stdio."""
+        stdin_r, stdin_w = _pipe() if with_stdin else (subprocess.DEVNULL, -1)
+        stdout_r, stdout_w = _pipe()
+        stderr_r, stderr_w = _pipe()
+        ours = [stdin_w, stdout_r, stderr_r]  # wrapped in streams here
+        theirs = [stdin_r, stdout_w, stderr_w]  # git's ends, closed here once it has them
+        start = functools.partial(
+            subprocess.Popen,
+            argv,
+            stdin=theirs[0],
+            stdout=theirs[1],
+            stderr=theirs[2],
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            popen = await asyncio.get_running_loop().run_in_executor(self._spawner, start)
+        except BaseException:
+            for fd in ours:
+                if fd >= 0:
+                    os.close(fd)
+            raise
+        finally:
+            for fd in theirs:
+                if fd >= 0:
+                    os.close(fd)
+        return GitChild(popen, *ours)
 
     async def reserve(self) -> None:
         """Take a slot for one git process, waiting for one if need be."""
@@ -94,6 +138,46 @@ class GitProcesses:
             pipe.abort()
 
 
+def _pipe() -> tuple[int, int]:
+    """A pipe (both ends close-on-exec) with a :data:`PIPE_SIZE` buffer where the kernel allows."""
+    read_end, write_end = os.pipe()
+    try:
+        fcntl.fcntl(read_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
+    except OSError:
+        pass  # a smaller pipe only costs speed
+    return read_end, write_end
+
+
+class GitChild:
+    """A started git process: its pipes as Tornado streams, and a future of its exit status."""
+
+    def __init__(self, popen: subprocess.Popen, stdin_fd: int, stdout_fd: int, stderr_fd: int) -> None:
+        self.pid = popen.pid
+        self.stdin = PipeIOStream(stdin_fd) if stdin_fd >= 0 else None
+        self.stdout = PipeIOStream(stdout_fd)
+        self.stdout.read_chunk_size = CHUNK_SIZE
+        self.stderr = PipeIOStream(stderr_fd)
+        self.exit: Future[int] = Future()
+        self._popen = popen
+        loop = IOLoop.current()
+        try:
+            pidfd = os.pidfd_open(popen.pid)  # type: ignore[attr-defined]
+        except (AttributeError, OSError):
+            waiter = threading.Thread(target=self._wait_in_thread, args=(loop,), daemon=True)
+            waiter.start()
+        else:
+            loop.add_handler(pidfd, self._on_pidfd, IOLoop.READ)
+
+    def _on_pidfd(self, pidfd: int, events: int) -> None:
+        IOLoop.current().remove_handler(pidfd)
+        os.close(pidfd)
+        future_set_result_unless_cancelled(self.exit, self._popen.wait())
+
+    def _wait_in_thread(self, loop: IOLoop) -> None:
+        status = self._popen.wait()
+        loop.add_callback(future_set_result_unless_cancelled, self.exit, status)
+
+
 class GitProcessPipe:
     """One running git command, bridged to one HTTP response.
 
@@ -104,7 +188,7 @@ class GitProcessPipe:
 
     def __init__(
         self,
-        proc: Subprocess,
+        proc: GitChild,
         context: str,
         registry: GitProcesses,
         connection: HTTPConnection,
@@ -120,10 +204,10 @@ class GitProcessPipe:
         self._draining = False
         self._ended = False
         self._aborted = False
+        self._pending_write: Optional[Future[None]] = None
+        self._pending_read: Optional[Future[bytes]] = None
         self._escalation: Optional[object] = None
-        #: git's exit status once it has exited (the access log reports it).
-        self.exit_status: Optional[int] = None
-        self._exit = proc.wait_for_exit(raise_error=False)
+        self._exit = proc.exit
         self._exit.add_done_callback(lambda _: self._exited(registry))
         registry.running.add(self)
         loop = IOLoop.current()
@@ -154,29 +238,27 @@ class GitProcessPipe:
         """
         await registry.reserve()
         try:
-            proc = Subprocess(
-                argv,
-                stdin=Subprocess.STREAM if with_stdin else subprocess.DEVNULL,
-                stdout=Subprocess.STREAM,
-                stderr=Subprocess.STREAM,
-                env=env,
-                start_new_session=True,
-            )
+            proc = await registry.spawn(argv, env, with_stdin)
         except OSError as error:
             registry.release()
             log.error("%s: cannot run git: %s", context, error)
             raise HTTPError(500, reason="Cannot run git; see the server log") from None
-        proc.stdout.read_chunk_size = CHUNK_SIZE
         return cls(proc, context, registry, connection, idle_timeout, writes_repository)
 
+    @property
+    def exit_status(self) -> Optional[int]:
+        """git's exit status once it has exited, else None (the access log reports it)."""
+        return self._exit.result() if self._exit.done() else None
+
     def _exited(self, registry: GitProcesses) -> None:
-        self.exit_status = self._exit.result()
         registry.running.discard(self)
         registry.release()
 
     async def write(self, data: bytes) -> None:
-        """Write request-body bytes to git's stdin, waiting until they are taken.
+        """Write request-body bytes to git's stdin.
 
+        Returns once the previous piece has been taken, so one piece is in
+        flight to git while the next is read from the client, and never more.
         If git has stopped reading (it exited, or refused the request), the
         rest of the body is discarded; git's answer still goes to the client.
         """
@@ -184,12 +266,26 @@ class GitProcessPipe:
         if not self._stdin_open or not data:
             return
         try:
-            await self._proc.stdin.write(data)
+            await self._stdin_taken()
+            self._pending_write = self._proc.stdin.write(data)
         except StreamClosedError:
             self._stdin_open = False
 
+    async def _stdin_taken(self) -> None:
+        pending, self._pending_write = self._pending_write, None
+        if pending is not None:
+            await pending
+
+    async def end_input(self) -> None:
+        """The request body is complete: let git take the rest, then close its stdin."""
+        try:
+            await self._stdin_taken()
+        except StreamClosedError:
+            self._stdin_open = False
+        self.close_stdin()
+
     def close_stdin(self) -> None:
-        """Signal the end of the request body to git."""
+        """Close git's stdin now (what is not yet written is dropped)."""
         if self._stdin_open:
             self._stdin_open = False
             self._proc.stdin.close()
@@ -202,7 +298,7 @@ class GitProcessPipe:
         the connection is dropped without the terminating chunk, so the client
         sees a failed transfer instead of a silently truncated success.
         """
-        chunk = await self._read()
+        chunk = await self._finish_read()
         if not chunk:
             status = await self._exit
             if status != 0:
@@ -215,9 +311,10 @@ class GitProcessPipe:
         try:
             while chunk and not self._aborted:
                 handler.write(chunk)
+                self._pending_read = self._start_read()  # git goes on while the chunk flushes
                 await handler.flush()
                 self._touch()
-                chunk = await self._read()
+                chunk = await self._finish_read()
         except StreamClosedError:
             log.info("%s: client went away mid-transfer", self._context)
             self.abort()
@@ -237,9 +334,18 @@ class GitProcessPipe:
             # client asked for keep-alive.
             handler.request.connection.close()
 
-    async def _read(self) -> bytes:
+    def _start_read(self) -> Future[bytes]:
         try:
-            return await self._proc.stdout.read_bytes(CHUNK_SIZE, partial=True)
+            return self._proc.stdout.read_bytes(CHUNK_SIZE, partial=True)
+        except StreamClosedError:
+            done: Future[bytes] = Future()
+            done.set_result(b"")
+            return done
+
+    async def _finish_read(self) -> bytes:
+        pending, self._pending_read = self._pending_read, None
+        try:
+            return await (pending if pending is not None else self._start_read())
         except StreamClosedError:
             return b""
 
@@ -302,7 +408,7 @@ class GitProcessPipe:
             IOLoop.current().spawn_callback(self._discard_stdout)
 
     async def _discard_stdout(self) -> None:
-        while await self._read():
+        while await self._finish_read():
             pass
 
     def _escalate(self, signum: int) -> None:

@@ -8,12 +8,12 @@ to ``None``, which callers answer exactly like a missing repository.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import os
 import subprocess
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
-
-from tornado.process import Subprocess
 
 #: Longest repository name accepted; longer names cannot be repositories anyway.
 MAX_NAME_LENGTH = 1024
@@ -134,14 +134,15 @@ class ConfigCache:
         return config
 
     async def _read(self, git_dir: str) -> GitConfig:
-        proc = Subprocess(
+        # A thread, not the event loop: starting a process blocks until it has exec'd.
+        run = functools.partial(
+            subprocess.run,
             [self._git, "--git-dir", git_dir, "config", "--list", "-z"],
             stdin=subprocess.DEVNULL,
-            stdout=Subprocess.STREAM,
+            stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
-        output = await proc.stdout.read_until_close()
-        await proc.wait_for_exit(raise_error=False)
+        output = (await asyncio.get_running_loop().run_in_executor(None, run)).stdout
         config: GitConfig = {}
         for entry in output.split(b"\0"):
             if entry:

@@ -1,4 +1,4 @@
-"""The ``gittornado`` command: options -> Application -> HTTPServer.
+"""The ``gittornado`` command: options -> Application -> HTTPServer (in each worker process).
 
 argparse (not tornado.options) so that ``gittornado --port 8080`` works as
 people type it.
@@ -26,10 +26,11 @@ from . import __version__
 from .access import AccessPolicy, ReadOnlyPolicy
 from .handlers import GitBackend, NotFoundHandler
 from .observe import Metrics, RequestObserver
+from .pipe import CHUNK_SIZE as PIPE_CHUNK
 from .pipe import GitProcesses
 from .repos import RepositoryRoot
 from .routes import routes_for
-from .workers import WorkerPool
+from .workers import FORWARDED, WorkerPool
 
 log = logging.getLogger("gittornado")
 
@@ -231,6 +232,8 @@ async def serve(
         xheaders=args.xheaders,
         ssl_options=tls,
         idle_connection_timeout=args.header_timeout,
+        # Read request bodies in pieces as large as git's read side of a pipe takes.
+        chunk_size=PIPE_CHUNK,
     )
     server.add_sockets(sockets)
 
@@ -240,6 +243,8 @@ async def serve(
         loop.add_signal_handler(signum, stop.set)
     if callable(getattr(policy, "reload", None)):
         loop.add_signal_handler(signal.SIGHUP, policy.reload)  # type: ignore[attr-defined]
+    # A forked worker starts with these blocked (see WorkerPool); its handlers are in place now.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     await stop.wait()
     log.info(
         "shutting down: no new connections; waiting up to %gs for %d running transfers",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -19,19 +20,18 @@ from pathlib import Path
 from typing import Dict, Iterator, List, Optional
 
 import pytest
-from tornado.process import Subprocess
 
 from gittornado import GitBackend, OpenPolicy, RepositoryRoot
 from gittornado.access import AccessPolicy
 from gittornado.server import make_application
 
 
-@pytest.fixture(autouse=True)
-def _fresh_sigchld_handler() -> Iterator[None]:
-    """Tornado's Subprocess binds its SIGCHLD handler to the first io_loop that
-    asks; each test has its own loop, so let each register anew."""
-    yield
-    Subprocess.uninitialize()
+def require_program(program: str, package: str) -> str:
+    """The path of ``program``; a missing one fails the test (never skips), saying how to install it."""
+    path = shutil.which(program)
+    if path is None:
+        pytest.fail(f"{program} is not installed: apt-get install {package} (.ci/run does)", pytrace=False)
+    return path
 
 
 @pytest.fixture(scope="session")

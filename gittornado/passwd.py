@@ -1,0 +1,201 @@
+"""The ``gittornado-passwd`` command: set or delete a user's password in users.ini.
+
+It changes the one line it must and leaves every other byte as it was
+(comments, order, spacing, other sections, line endings), checks that the
+result still loads, and replaces the file atomically, so a server reloading it
+at any moment reads either the old file or the new one, never half of either.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import stat
+import sys
+import tempfile
+from typing import List, Optional, TextIO
+
+from passlib.hash import bcrypt
+
+from .access import BCRYPT_MAX_BYTES, AccessFileError, parse_access_file, split_ini_lines, valid_user_name
+
+#: bcrypt work factor: about a quarter of a second per check on current hardware.
+DEFAULT_COST = 12
+
+
+class PasswdError(Exception):
+    """Why the command changed nothing; printed as the command's error message."""
+
+
+def hash_password(password: str, cost: int = DEFAULT_COST) -> str:
+    """A bcrypt hash in the ``$2y$`` form that htpasswd -B writes."""
+    return bcrypt.using(ident="2y", rounds=cost).hash(password)
+
+
+def set_user(text: str, user: str, hashed: str) -> str:
+    """Return users.ini ``text`` with ``user``'s hash set to ``hashed``.
+
+    An existing [users] line keeps its spacing and inline comment; a new user
+    goes after the last user in [users] (or its last comment), and a file
+    without [users] gets the section appended.
+    """
+    lines = split_ini_lines(text)
+    raw = text.split("\n")
+    ending = "\r" if raw and raw[0].endswith("\r") else ""
+    for line in lines:
+        if line.section == "users" and line.key == user:
+            start, end = line.value_span
+            raw[line.number - 1] = line.text[:start] + hashed + line.text[end:]
+            return "\n".join(raw)
+    new_line = f"{user} = {hashed}{ending}"
+    in_users = [line for line in lines if line.section == "users" and line.text.strip()]
+    entries = [line for line in in_users if line.key]
+    # After the last user; in a section without users, after its header and comments.
+    anchor = entries[-1] if entries else in_users[-1] if in_users else None
+    if anchor is not None:
+        raw.insert(anchor.number, new_line)
+        return "\n".join(raw)
+    if text and not text.endswith("\n"):
+        text += ending + "\n"
+    separator = ending + "\n" if text.strip() else ""
+    return f"{text}{separator}[users]{ending}\n{new_line}\n"
+
+
+def delete_user(text: str, user: str) -> str:
+    """Return ``text`` without ``user``'s [users] line(s); PasswdError if there is none.
+
+    Rules and group memberships naming the user stay: they grant nothing
+    without a password, and they come back into force if the user is re-added.
+    """
+    doomed = {line.number for line in split_ini_lines(text) if line.section == "users" and line.key == user}
+    if not doomed:
+        raise PasswdError(f"no user {user!r} in [users]")
+    return "\n".join(raw for number, raw in enumerate(text.split("\n"), start=1) if number not in doomed)
+
+
+def read_password(stdin: TextIO) -> str:
+    """The new password: asked twice on a terminal, else one line of ``stdin`` (for scripts)."""
+    if stdin.isatty():
+        password = getpass.getpass("New password: ")
+        if getpass.getpass("Re-type new password: ") != password:
+            raise PasswdError("the passwords do not match")
+    else:
+        line = stdin.readline()
+        if not line:
+            raise PasswdError("no password on standard input")
+        password = line.rstrip("\n").rstrip("\r")
+    if not password:
+        raise PasswdError("the password is empty")
+    if len(password.encode("utf-8")) > BCRYPT_MAX_BYTES:
+        raise PasswdError(f"the password is longer than bcrypt's {BCRYPT_MAX_BYTES} bytes")
+    return password
+
+
+def write_atomically(path: str, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename, keeping its mode and owner.
+
+    A new file is created readable by its owner only: it holds password hashes.
+    """
+    directory = os.path.dirname(path) or "."
+    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            os.chmod(temp, stat.S_IMODE(st.st_mode))
+            try:
+                os.chown(temp, st.st_uid, st.st_gid)
+            except PermissionError:
+                pass  # not root: the file is ours already
+        os.replace(temp, path)
+    except BaseException:
+        os.unlink(temp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gittornado-passwd",
+        description="Set a user's password (bcrypt) in a gittornado users.ini, or delete the user. "
+        "The password is asked twice on a terminal, or read as one line from standard input.",
+        epilog="Every other line, comment and section of FILE stays as it was. "
+        "A running gittornado picks the change up within seconds.",
+    )
+    parser.add_argument("file", metavar="FILE", help="the users.ini to edit (created if missing)")
+    parser.add_argument("user", metavar="USER", help="the user name")
+    parser.add_argument("-D", "--delete", action="store_true", help="delete USER instead")
+    parser.add_argument(
+        "-C",
+        "--cost",
+        type=int,
+        default=DEFAULT_COST,
+        choices=range(4, 32),
+        metavar="COST",
+        help=f"bcrypt cost, 4 to 31 (default: {DEFAULT_COST}); each step doubles the time",
+    )
+    return parser
+
+
+def run(args: argparse.Namespace, stdin: TextIO) -> str:
+    """Do what ``args`` ask; return the message to print.  Raises PasswdError."""
+    if not valid_user_name(args.user):
+        raise PasswdError(
+            f"{args.user!r} is not a valid user name (no spaces or = : ; # [ ] , and not * or @...)"
+        )
+    # Edit the file a symlink points to, not replace the link.
+    path = os.path.realpath(args.file)
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            text = f.read()
+    except FileNotFoundError:
+        if args.delete:
+            raise PasswdError(f"{args.file}: no such file") from None
+        text = ""
+    except (OSError, UnicodeDecodeError) as error:
+        raise PasswdError(f"{args.file}: {error}") from None
+    # A byte-order mark some editors write is kept, outside the lines being edited.
+    bom = "\ufeff" if text.startswith("\ufeff") else ""
+    text = text[len(bom) :]
+    if args.delete:
+        text, message = delete_user(text, args.user), f"Deleted user {args.user}"
+    else:
+        exists = any(line.section == "users" and line.key == args.user for line in split_ini_lines(text))
+        text = set_user(text, args.user, hash_password(read_password(stdin), args.cost))
+        message = f"{'Updated' if exists else 'Added'} password for user {args.user}"
+    try:
+        parse_access_file(text, args.file)
+    except AccessFileError as error:
+        raise PasswdError(f"not changed, the file would not load: {error}") from None
+    try:
+        write_atomically(path, bom + text)
+    except OSError as error:
+        raise PasswdError(f"{args.file}: {error}") from None
+    return message
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    """Entry point of the ``gittornado-passwd`` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        message = run(args, sys.stdin)
+    except PasswdError as error:
+        raise SystemExit(f"gittornado-passwd: {error}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
+    print(message, file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
