@@ -202,7 +202,7 @@ class GitProcessPipe:
         self._writes_repository = writes_repository
         self._stdin_open = proc.stdin is not None
         self._draining = False
-        self._ended = False
+        self._idle_timer: Optional[object] = None
         self._aborted = False
         self._pending_write: Optional[Future[None]] = None
         self._pending_read: Optional[Future[bytes]] = None
@@ -214,7 +214,7 @@ class GitProcessPipe:
         loop.spawn_callback(self._drain_stderr)
         self._last_activity = loop.time()
         if idle_timeout:
-            loop.call_later(idle_timeout, self._check_idle)
+            self._idle_timer = loop.call_later(idle_timeout, self._check_idle)
 
     @classmethod
     async def start(
@@ -302,7 +302,7 @@ class GitProcessPipe:
         if not chunk:
             status = await self._exit
             if status != 0:
-                self._ended = True
+                self._end()
                 log.warning("%s: git exited with status %s before any output", self._context, status)
                 handler.send_error(500, reason="git failed; see the server log")
                 return
@@ -322,7 +322,7 @@ class GitProcessPipe:
             self._discard_rest()
             return
         status = await self._exit
-        self._ended = True
+        self._end()
         if status != 0:
             log.warning(
                 "%s: git exited with status %s mid-transfer; aborting response", self._context, status
@@ -349,16 +349,22 @@ class GitProcessPipe:
         except StreamClosedError:
             return b""
 
+    def _end(self) -> None:
+        """The exchange is over: stop watching it for idleness (the timer would keep it alive)."""
+        if self._idle_timer is not None:
+            IOLoop.current().remove_timeout(self._idle_timer)
+            self._idle_timer = None
+
     def _touch(self) -> None:
         self._last_activity = IOLoop.current().time()
 
     def _check_idle(self) -> None:
         """End the exchange once no byte has moved either way for the idle timeout."""
-        if self._ended or not self._idle_timeout:
+        if self._idle_timer is None or not self._idle_timeout:
             return
         idle = IOLoop.current().time() - self._last_activity
         if idle < self._idle_timeout:
-            IOLoop.current().call_later(self._idle_timeout - idle, self._check_idle)
+            self._idle_timer = IOLoop.current().call_later(self._idle_timeout - idle, self._check_idle)
             return
         log.warning("%s: no data moved for %.0fs; closing the connection", self._context, idle)
         self.abort()
@@ -391,7 +397,8 @@ class GitProcessPipe:
 
         Safe to call more than once, and while :meth:`respond` is running.
         """
-        self._ended = self._aborted = True
+        self._aborted = True
+        self._end()
         self.close_stdin()
         if not self._proc.stdout.reading():  # else respond() is reading, and calls this when it stops
             self._discard_rest()

@@ -261,3 +261,22 @@ async def test_cli_metrics_flag_and_healthz(spawn_server, gitbase: Path):
     plain = spawn_server("--gitbase", str(gitbase))
     assert (await client.fetch(f"{plain.url}/healthz")).code == 200
     assert (await client.fetch(f"{plain.url}/metrics", raise_error=False)).code == 404
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_finished_exchanges_leave_nothing_alive(repo: Path, gitbase: Path):
+    """Timers and callbacks of a finished transfer must not keep its pipe (and buffers) alive."""
+    import gc
+
+    from gittornado.pipe import GitProcessPipe
+
+    def live_pipes() -> int:
+        gc.collect()
+        return sum(isinstance(o, GitProcessPipe) for o in gc.get_objects())
+
+    async with serving(open_backend(gitbase, idle_timeout=300)) as port:
+        client = AsyncHTTPClient()
+        url = f"http://127.0.0.1:{port}/proj.git/info/refs?service=git-upload-pack"
+        for _ in range(30):
+            assert (await client.fetch(url)).code == 200
+        assert await wait_until(lambda: live_pipes() == 0, timeout=5), f"{live_pipes()} pipes still alive"
