@@ -2,23 +2,21 @@
 
 The server runs on the test's io_loop (pytest-tornado's ``app`` fixture); the
 git client runs as an asyncio subprocess so the loop keeps serving while it
-works.  ``spawn_gittornado`` starts the real ``gittornado`` command instead.
+works.  ``spawn_server`` starts the real ``gittornado`` command instead.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import re
 import shutil
-import signal
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
+import deploy_helpers
 import pytest
 
 from gittornado import GitBackend, OpenPolicy, RepositoryRoot
@@ -207,66 +205,6 @@ async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -
     return bool(predicate())
 
 
-class SpawnedServer:
-    """A ``gittornado`` process started with the real command line."""
-
-    def __init__(self, proc: subprocess.Popen, port: int, startup_line: str, log_file) -> None:
-        self.proc = proc
-        self._log_file = log_file
-        self.port = port
-        self.startup_line = startup_line
-        self.url = f"http://127.0.0.1:{port}"
-
-    def log(self) -> str:
-        """Everything the server wrote to stderr so far."""
-        self._log_file.seek(0)
-        return self._log_file.read().decode(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
-
-
-def spawn_gittornado(*args: str, env: Optional[Dict[str, str]] = None) -> SpawnedServer:
-    """Start ``gittornado --port 0 <args>`` and wait for its startup line."""
-    log_file = tempfile.TemporaryFile()
-    proc = subprocess.Popen(
-        ["gittornado", "--port", "0", "--address", "127.0.0.1", *args],
-        stdout=subprocess.PIPE,
-        stderr=log_file,
-        text=True,
-        env=env,
-    )
-    line = proc.stdout.readline()
-    match = re.search(r"http://[^:]+:(\d+)/", line)
-    if not match:
-        proc.kill()
-        proc.wait()
-        log_file.seek(0)
-        raise AssertionError(f"gittornado did not start: {line!r} {log_file.read()!r}")
-    return SpawnedServer(proc, int(match.group(1)), line, log_file)
-
-
-@pytest.fixture
-def spawn_server():
-    """Factory for spawned servers; every one is stopped after the test."""
-    servers: List[SpawnedServer] = []
-
-    def start(*args: str, env: Optional[Dict[str, str]] = None) -> SpawnedServer:
-        server = spawn_gittornado(*args, env=env)
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.stop()
-
-
 async def raw_http(port: int, request: bytes, timeout: float = 10.0) -> bytes:
     """Send ``request`` bytes verbatim over TCP and return everything until the server closes.
 
@@ -297,8 +235,6 @@ def parse_response(raw: bytes) -> tuple[int, Dict[str, str], bytes]:
 
 # Deployment: real gittornado, nginx and Apache httpd processes (see tests/deploy_helpers.py).
 
-import deploy_helpers  # noqa: E402  (kept with the fixtures that use it)
-
 
 @pytest.fixture
 def services(tmp_path: Path) -> Iterator[deploy_helpers.Services]:
@@ -306,6 +242,12 @@ def services(tmp_path: Path) -> Iterator[deploy_helpers.Services]:
     started = deploy_helpers.Services(tmp_path / "services")
     yield started
     started.stop_all()
+
+
+@pytest.fixture
+def spawn_server(services: deploy_helpers.Services) -> Callable[..., deploy_helpers.Gittornado]:
+    """Starts the real ``gittornado --port 0 --address 127.0.0.1 <args>``; stopped after the test."""
+    return services.gittornado_command
 
 
 @pytest.fixture(scope="session")

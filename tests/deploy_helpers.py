@@ -110,7 +110,13 @@ class Gittornado(Service):
         self.stop()
         raise AssertionError(f"gittornado did not start:\n{self.read()}")
 
+    @property
+    def startup_line(self) -> str:
+        """The one line gittornado prints when it starts."""
+        return self.read().splitlines()[0]
+
     def log(self) -> str:
+        """Everything the server printed so far (startup line and log)."""
         return self.read()
 
 
