@@ -178,3 +178,51 @@ def test_readme_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     test_line = ci.strip().splitlines()[-1]
     assert test_line in readme
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_token_policy_example(git: GitClient, gitbase: Path, tmp_path: Path):
+    make_repo(git, gitbase, "app.git")
+    make_repo(git, gitbase, "docs.git")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "token_policy.py"),
+            "--port",
+            str(port),
+            "--gitbase",
+            str(gitbase),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert "git at" in proc.stdout.readline()
+        base = f"http://127.0.0.1:{port}"
+        work = tmp_path / "app"
+        await git.run("clone", f"http://ci:s3cret-token@127.0.0.1:{port}/app.git", str(work))
+        git.sync("commit", "-q", "--allow-empty", "-m", "by token", cwd=work)
+        await git.run("push", "origin", "main", cwd=work)
+        assert "by token" in git.sync("log", "-1", "--format=%s", "main", cwd=gitbase / "app.git")
+        anonymous = await git.run("clone", f"{base}/app.git", str(tmp_path / "anon"), check=False)
+        assert anonymous.returncode != 0 and "could not read Username" in anonymous.stderr  # a 401 challenge
+        wrong = await git.run(
+            "clone", f"http://ci:guess@127.0.0.1:{port}/app.git", str(tmp_path / "w"), check=False
+        )
+        assert wrong.returncode != 0 and "guess" not in wrong.stderr
+        # The docs token reads docs.git only, and may not push to it.
+        docs = tmp_path / "docs"
+        await git.run("clone", f"http://bot:read-only-token@127.0.0.1:{port}/docs.git", str(docs))
+        other = await git.run(
+            "clone", f"http://bot:read-only-token@127.0.0.1:{port}/app.git", str(tmp_path / "x"), check=False
+        )
+        assert other.returncode != 0 and "not found" in other.stderr.lower()
+        git.sync("commit", "-q", "--allow-empty", "-m", "nope", cwd=docs)
+        push = await git.run("push", "origin", "main", cwd=docs, check=False)
+        assert push.returncode != 0 and "403" in push.stderr
+    finally:
+        proc.terminate()
+        proc.wait(10)
