@@ -322,7 +322,7 @@ class ServiceHandler(GitHandler):
                 # Holding one byte back until post() means a request cut short always
                 # reaches git incomplete, so it changes nothing.
                 await self.pipe.write(self.held_back)
-                await self.pipe.write(piece[:-1])
+                await self.pipe.write(memoryview(piece)[:-1])  # a view: no copy of the piece
                 self.held_back = piece[-1:]
         except HTTPError as error:
             self._refuse(error)

@@ -39,7 +39,7 @@ import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Set, Union
 
 from tornado.concurrent import Future, future_set_result_unless_cancelled
 from tornado.httputil import HTTPConnection
@@ -254,7 +254,7 @@ class GitProcessPipe:
         registry.running.discard(self)
         registry.release()
 
-    async def write(self, data: bytes) -> None:
+    async def write(self, data: Union[bytes, memoryview]) -> None:
         """Write request-body bytes to git's stdin.
 
         Returns once the previous piece has been taken, so one piece is in
