@@ -91,32 +91,29 @@ class GitProcesses:
 
     async def spawn(self, argv: List[str], env: Dict[str, str], with_stdin: bool) -> GitChild:
         """Start ``argv`` off the event loop, in its own process group, with piped stdio."""
-        stdin_r, stdin_w = _pipe() if with_stdin else (subprocess.DEVNULL, -1)
-        stdout_r, stdout_w = _pipe()
-        stderr_r, stderr_w = _pipe()
-        ours = [stdin_w, stdout_r, stderr_r]  # wrapped in streams here
-        theirs = [stdin_r, stdout_w, stderr_w]  # git's ends, closed here once it has them
-        start = functools.partial(
-            subprocess.Popen,
-            argv,
-            stdin=theirs[0],
-            stdout=theirs[1],
-            stderr=theirs[2],
-            env=env,
-            start_new_session=True,
-        )
+        opened: List[int] = []  # every fd made here, so a failure at any step closes them all
         try:
+            stdin_r, stdin_w = _pipe(opened) if with_stdin else (subprocess.DEVNULL, -1)
+            stdout_r, stdout_w = _pipe(opened)
+            stderr_r, stderr_w = _pipe(opened)
+            start = functools.partial(
+                subprocess.Popen,
+                argv,
+                stdin=stdin_r,
+                stdout=stdout_w,
+                stderr=stderr_w,
+                env=env,
+                start_new_session=True,
+            )
             popen = await asyncio.get_running_loop().run_in_executor(self._spawner, start)
         except BaseException:
-            for fd in ours:
-                if fd >= 0:
-                    os.close(fd)
+            for fd in opened:
+                os.close(fd)
             raise
-        finally:
-            for fd in theirs:
-                if fd >= 0:
-                    os.close(fd)
-        return GitChild(popen, *ours)
+        for fd in (stdin_r, stdout_w, stderr_w):  # git's ends: it has its own copies now
+            if fd >= 0:
+                os.close(fd)
+        return GitChild(popen, stdin_w, stdout_r, stderr_r)
 
     async def reserve(self) -> None:
         """Take a slot for one git process, waiting for one if need be."""
@@ -138,9 +135,11 @@ class GitProcesses:
             pipe.abort()
 
 
-def _pipe() -> tuple[int, int]:
-    """A pipe (both ends close-on-exec) with a :data:`PIPE_SIZE` buffer where the kernel allows."""
+def _pipe(opened: List[int]) -> tuple[int, int]:
+    """A pipe (both ends close-on-exec, appended to ``opened``) with a :data:`PIPE_SIZE` buffer
+    where the kernel allows."""
     read_end, write_end = os.pipe()
+    opened += (read_end, write_end)
     try:
         fcntl.fcntl(read_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
     except OSError:
@@ -152,7 +151,7 @@ class GitChild:
     """A started git process: its pipes as Tornado streams, and a future of its exit status."""
 
     def __init__(self, popen: subprocess.Popen, stdin_fd: int, stdout_fd: int, stderr_fd: int) -> None:
-        self.pid = popen.pid
+        self.pid = popen.pid  # also the process group id (a new session)
         self.stdin = PipeIOStream(stdin_fd) if stdin_fd >= 0 else None
         self.stdout = PipeIOStream(stdout_fd)
         self.stdout.read_chunk_size = CHUNK_SIZE
@@ -182,7 +181,7 @@ class GitProcessPipe:
     """One running git command, bridged to one HTTP response.
 
     Create it with :meth:`start`, feed the request body with :meth:`write`,
-    then :meth:`close_stdin` and :meth:`respond`.  ``context`` names the
+    then :meth:`end_input` and :meth:`respond`.  ``context`` names the
     repository and service in log lines.
     """
 
