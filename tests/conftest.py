@@ -11,6 +11,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,6 +204,30 @@ async def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -
             return True
         await asyncio.sleep(interval)
     return bool(predicate())
+
+
+def upload_pack_post(repository: str, body: bytes, close: bool = True) -> bytes:
+    """A raw HTTP/1.1 upload-pack request for ``repository`` (a URL path), with Content-Length."""
+    return (
+        b"POST /%s/git-upload-pack HTTP/1.1\r\nHost: x\r\n%s"
+        b"Content-Type: application/x-git-upload-pack-request\r\nContent-Length: %d\r\n\r\n"
+        % (repository.encode(), b"Connection: close\r\n" if close else b"", len(body))
+        + body
+    )
+
+
+def push_noise(git: GitClient, repo: Path, mib: int) -> str:
+    """Commit ``mib`` MiB of random bytes on top of ``repo``'s main; return the new head.
+
+    For transfers long enough to interrupt, or to hold back with a small receive window.
+    """
+    with tempfile.TemporaryDirectory() as work:
+        git.sync("clone", "-q", str(repo), work)
+        Path(work, "noise.bin").write_bytes(os.urandom(mib * 1024 * 1024))
+        git.sync("add", "noise.bin", cwd=Path(work))
+        git.sync("commit", "-q", "-m", "noise", cwd=Path(work))
+        git.sync("push", "-q", "origin", "HEAD:main", cwd=Path(work))
+        return git.sync("rev-parse", "HEAD", cwd=Path(work)).strip()
 
 
 async def raw_http(port: int, request: bytes, timeout: float = 10.0) -> bytes:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
 import socket
@@ -12,7 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import GitClient, git_processes_under, make_repo, parse_response, raw_http, wait_until
+from conftest import (
+    GitClient,
+    git_processes_under,
+    make_repo,
+    parse_response,
+    push_noise,
+    raw_http,
+    upload_pack_post,
+    wait_until,
+)
 from tornado.httpclient import AsyncHTTPClient
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,11 +91,7 @@ async def test_max_body_size(spawn_server, git: GitClient, repo: Path, gitbase: 
     server = spawn_server("--gitbase", str(gitbase), "--max-body-size", "1K")
     big = b"0032want " + b"1" * 40 + b"\n"
     big = big * 40  # 2 KB of wants
-    declared = await raw_http(
-        server.port,
-        b"POST /proj.git/git-upload-pack HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        b"Content-Type: application/x-git-upload-pack-request\r\nContent-Length: %d\r\n\r\n" % len(big) + big,
-    )
+    declared = await raw_http(server.port, upload_pack_post("proj.git", big))
     assert parse_response(declared)[0] == 413
     chunked = await raw_http(
         server.port,
@@ -109,15 +113,8 @@ async def test_max_body_size(spawn_server, git: GitClient, repo: Path, gitbase: 
 async def test_sigterm_lets_running_transfer_finish(
     spawn_server, git: GitClient, gitbase: Path, tmp_path: Path
 ):
-    repo = make_repo(git, gitbase, "slow.git", commits=1)
-    work = tmp_path / "w"
-    git.sync("clone", "-q", str(repo), str(work))
-    (work / "noise.bin").write_bytes(os.urandom(16 * 1024 * 1024))
-    git.sync("add", ".", cwd=work)
-    git.sync("commit", "-q", "-m", "noise", cwd=work)
-    git.sync("push", "-q", "origin", "HEAD:main", cwd=work)
+    head = push_noise(git, make_repo(git, gitbase, "slow.git", commits=1), 16)
     server = spawn_server("--gitbase", str(gitbase))
-    head = git.sync("rev-parse", "HEAD", cwd=work).strip()
     want = b"0032want %s\n" % head.encode()
     request = want + b"00000009done\n"
 
@@ -125,12 +122,7 @@ async def test_sigterm_lets_running_transfer_finish(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", server.port))
     reader, writer = await asyncio.open_connection(sock=sock)
-    writer.write(
-        b"POST /slow.git/git-upload-pack HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        b"Content-Type: application/x-git-upload-pack-request\r\nContent-Length: %d\r\n\r\n"
-        % len(request)
-        + request
-    )
+    writer.write(upload_pack_post("slow.git", request))
     received = await reader.readexactly(64 * 1024)  # the transfer is under way, held back by us
     server.proc.send_signal(signal.SIGTERM)
     await asyncio.sleep(0.5)

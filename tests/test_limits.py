@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import re
 import time
 from contextlib import asynccontextmanager
@@ -13,7 +12,15 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import pytest
-from conftest import GitClient, git_processes_under, parse_response, raw_http, wait_until
+from conftest import (
+    GitClient,
+    git_processes_under,
+    parse_response,
+    push_noise,
+    raw_http,
+    upload_pack_post,
+    wait_until,
+)
 from tornado.httpclient import AsyncHTTPClient
 from tornado.httpserver import HTTPServer
 from tornado.testing import bind_unused_port
@@ -182,21 +189,11 @@ async def test_access_log_has_one_parseable_line_per_request(
     assert len(lines) == 3  # advertisement, upload-pack, the odd request: nothing twice
 
     # A client that leaves mid-clone is logged once, as 499.
-    work = tmp_path / "c"
-    (work / "noise.bin").write_bytes(os.urandom(8 * 1024 * 1024))
-    git.sync("add", ".", cwd=work)
-    git.sync("commit", "-q", "-m", "noise", cwd=work)
-    await git.run("push", "origin", "main", cwd=work)
-    head = git.sync("rev-parse", "HEAD", cwd=work).strip()
+    head = push_noise(git, repo, 8)
     caplog.clear()
     request = b"0032want %s\n00000009done\n" % head.encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
-    writer.write(
-        b"POST /proj.git/git-upload-pack HTTP/1.1\r\nHost: x\r\n"
-        b"Content-Type: application/x-git-upload-pack-request\r\nContent-Length: %d\r\n\r\n"
-        % len(request)
-        + request
-    )
+    writer.write(upload_pack_post("proj.git", request, close=False))
     await reader.readexactly(1000)
     writer.close()
     assert await wait_until(lambda: any("status=499" in r.getMessage() for r in caplog.records))

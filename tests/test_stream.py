@@ -12,7 +12,16 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import GitClient, git_processes_under, make_repo, parse_response, raw_http, wait_until
+from conftest import (
+    GitClient,
+    git_processes_under,
+    make_repo,
+    parse_response,
+    push_noise,
+    raw_http,
+    upload_pack_post,
+    wait_until,
+)
 
 
 def pkt(text: str) -> bytes:
@@ -200,13 +209,7 @@ async def test_git_failing_mid_stream_aborts_the_response(
     blob = git.sync("rev-parse", "main:file2.txt", cwd=repo).strip()
     (repo / "objects" / blob[:2] / blob[2:]).unlink()
     request = pkt(f"want {head_of(git, repo)} ofs-delta\n") + b"0000" + pkt("done\n")
-    raw = await raw_http(
-        http_port,
-        b"POST /broken.git/git-upload-pack HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
-        b"Content-Type: application/x-git-upload-pack-request\r\nContent-Length: %d\r\n\r\n"
-        % len(request)
-        + request,
-    )
+    raw = await raw_http(http_port, upload_pack_post("broken.git", request))
     status, headers, body = parse_response(raw)
     assert status == 200 and headers["transfer-encoding"] == "chunked"
     _, complete = dechunk(body)
@@ -242,26 +245,15 @@ async def test_client_vanishing_mid_clone_leaves_no_git_process(
     git: GitClient, gitbase: Path, http_port: int, base_url: str, tmp_path: Path
 ):
     repo = make_repo(git, gitbase, "large.git", commits=1)
-    work = tmp_path / "work-large"
-    git.sync("clone", "-q", str(repo), str(work))
-    (work / "noise.bin").write_bytes(os.urandom(32 * 1024 * 1024))
-    git.sync("add", ".", cwd=work)
-    git.sync("commit", "-q", "-m", "noise", cwd=work)
-    git.sync("push", "-q", "origin", "HEAD:main", cwd=work)
+    request = want_request(push_noise(git, repo, 32))
     fds_before = len(os.listdir("/proc/self/fd"))
-    request = want_request(head_of(git, repo))
     # A client that reads a little of the pack and hangs up: git is blocked on
     # a full pipe (backpressure), and must be ended and reaped.
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sock.connect(("127.0.0.1", http_port))
     reader, writer = await asyncio.open_connection(sock=sock)
-    writer.write(
-        b"POST /large.git/git-upload-pack HTTP/1.1\r\nHost: x\r\n"
-        b"Content-Type: application/x-git-upload-pack-request\r\nContent-Length: %d\r\n\r\n"
-        % len(request)
-        + request
-    )
+    writer.write(upload_pack_post("large.git", request, close=False))
     await asyncio.wait_for(reader.readexactly(4096), 10)
     assert git_processes_under(gitbase)
     writer.close()
