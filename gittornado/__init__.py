@@ -26,6 +26,7 @@ from .handlers import (  # noqa: E402
     RepositoryFileHandler,
     ServiceHandler,
 )
+from .http1 import HardenedHTTPServer  # noqa: E402
 from .observe import Metrics, RequestObserver  # noqa: E402
 from .pipe import GitProcesses  # noqa: E402
 from .repos import Repository, RepositoryRoot, resolve_repository  # noqa: E402
@@ -40,6 +41,7 @@ __all__ = [
     "HealthHandler",
     "MetricsHandler",
     "GitProcesses",
+    "HardenedHTTPServer",
     "InfoRefsHandler",
     "Metrics",
     "OpenPolicy",

@@ -18,6 +18,7 @@ from tornado.escape import utf8
 from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_request_body
 
 from .access import AccessDenied, AccessPolicy, Grant, Permission, ReadOnlyPolicy, check_access
+from .adverts import AdvertisementCache, Recording
 from .body import BodyDecoder
 from .observe import Metrics
 from .pipe import GitProcesses, GitProcessPipe
@@ -79,6 +80,7 @@ class GitBackend:
     metrics: Optional[Metrics] = None
     git: str = "git"
     configs: ConfigCache = field(default_factory=ConfigCache)
+    adverts: AdvertisementCache = field(default_factory=AdvertisementCache)
     processes: GitProcesses = field(default_factory=GitProcesses)
     base_env: Dict[str, str] = field(
         default_factory=lambda: {k: v for k, v in os.environ.items() if k not in _REPOSITORY_ENV}
@@ -261,14 +263,28 @@ class InfoRefsHandler(GitHandler):
             raise HTTPError(400, reason="Unknown service")
         repo, grant = await self.open_repository(name, service.permission)
         config = await self.require_switch(repo, service.switch)
-        args = [*service.command, "--advertise-refs", repo.path]
-        pipe = await self.start_git(
-            repo, grant, f"info/refs:{service.name}", args, config, dict(service.defaults)
-        )
+        label = f"info/refs:{service.name}"
+        protocol = self.request.headers.get("Git-Protocol", "")
         # Protocol v2 has no service line; receive-pack has no v2 and answers v0.
-        v2 = "version=2" in self.request.headers.get("Git-Protocol", "").split(":")
+        v2 = "version=2" in protocol.split(":")
         prefix = b"" if v2 and service is UPLOAD_PACK else pkt_line(f"# service={service.name}\n") + b"0000"
-        await pipe.respond(self, service.advertisement_type, prefix)
+        adverts = self.backend.adverts
+        state = adverts.state(repo.path, config) if service is UPLOAD_PACK else None
+        if state is not None:
+            answer = adverts.get(repo.path, protocol, state)
+            if answer is not None:  # git's own answer, and nothing it is made from has changed
+                self.service_label = label
+                self.set_header("Content-Type", service.advertisement_type)
+                self.finish(prefix + answer)
+                return
+        args = [*service.command, "--advertise-refs", repo.path]
+        pipe = await self.start_git(repo, grant, label, args, config, dict(service.defaults))
+        if state is None:
+            await pipe.respond(self, service.advertisement_type, prefix)
+            return
+        recording = Recording()
+        if await pipe.respond(self, service.advertisement_type, prefix, recording):
+            adverts.put(repo.path, protocol, state, recording)
 
 
 @stream_request_body

@@ -39,7 +39,7 @@ import subprocess
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
-from typing import Dict, List, Optional, Set, Union
+from typing import Callable, Dict, List, Optional, Set, Union
 
 from tornado.concurrent import Future, future_set_result_unless_cancelled
 from tornado.httputil import HTTPConnection
@@ -49,10 +49,10 @@ from tornado.locks import Semaphore
 from tornado.util import TimeoutError as WaitTimeout
 from tornado.web import HTTPError, RequestHandler
 
+from .relay import CHUNK_SIZE, OutputRelay
+
 log = logging.getLogger("gittornado")
 
-#: Bytes read from git's stdout at a time.
-CHUNK_SIZE = 256 * 1024
 #: Kernel buffer of each pipe to and from git (Linux's default is 64 KiB), so git
 #: keeps working while the loop is busy with other requests.
 PIPE_SIZE = 1024 * 1024
@@ -154,7 +154,6 @@ class GitChild:
         self.pid = popen.pid  # also the process group id (a new session)
         self.stdin = PipeIOStream(stdin_fd) if stdin_fd >= 0 else None
         self.stdout = PipeIOStream(stdout_fd)
-        self.stdout.read_chunk_size = CHUNK_SIZE
         self.stderr = PipeIOStream(stderr_fd)
         self.exit: Future[int] = Future()
         self._popen = popen
@@ -204,7 +203,7 @@ class GitProcessPipe:
         self._idle_timer: Optional[object] = None
         self._aborted = False
         self._pending_write: Optional[Future[None]] = None
-        self._pending_read: Optional[Future[bytes]] = None
+        self._relay: Optional[OutputRelay] = None
         self._escalation: Optional[object] = None
         self._exit = proc.exit
         self._exit.add_done_callback(lambda _: self._exited(registry))
@@ -289,37 +288,59 @@ class GitProcessPipe:
             self._stdin_open = False
             self._proc.stdin.close()
 
-    async def respond(self, handler: RequestHandler, content_type: str, prefix: bytes = b"") -> None:
-        """Stream git's stdout into ``handler``'s response.
+    async def respond(
+        self,
+        handler: RequestHandler,
+        content_type: str,
+        prefix: bytes = b"",
+        tee: Optional[Callable[[memoryview], None]] = None,
+    ) -> bool:
+        """Stream git's stdout into ``handler``'s response, through a :class:`~.relay.OutputRelay`.
 
         Headers are sent with git's first output.  If git fails before any
         output, the client gets a 500 with a short reason; if it fails after,
         the connection is dropped without the terminating chunk, so the client
         sees a failed transfer instead of a silently truncated success.
+        ``tee``, if given, is called with each piece of git's output as it
+        goes out.  Returns True when all of git's output went out and git
+        succeeded.
+
+        The relay writes to the connection's stream past the handler, so the
+        handler's output transforms are dropped: they would not see those
+        bytes, and git's answers (packs, already compressed, or a few ref
+        lines) gain nothing from them.
         """
-        chunk = await self._finish_read()
-        if not chunk:
-            status = await self._exit
-            if status != 0:
-                self._end()
-                log.warning("%s: git exited with status %s before any output", self._context, status)
-                handler.send_error(500, reason="git failed; see the server log")
-                return
-        handler.set_header("Content-Type", content_type)
-        chunk = prefix + chunk
+        stream = handler.request.connection.stream  # type: ignore[attr-defined]
+        relay = self._relay = OutputRelay(self._proc.stdout, stream, handler.request.version == "HTTP/1.1")
         try:
-            while chunk and not self._aborted:
-                handler.write(chunk)
-                self._pending_read = self._start_read()  # git goes on while the chunk flushes
-                await handler.flush()
+            length = await relay.wait_output()
+            if not length:
+                status = await self._exit
+                if status != 0:
+                    self._end()
+                    log.warning("%s: git exited with status %s before any output", self._context, status)
+                    handler.send_error(500, reason="git failed; see the server log")
+                    return False
+            handler.set_header("Content-Type", content_type)
+            handler._transforms = []  # see the docstring
+            handler.write(prefix)
+            await handler.flush()  # the headers, and the prefix framed by Tornado
+            while length and not self._aborted:
+                handler.bytes_out += length  # type: ignore[attr-defined]  # for the access log
+                if tee is not None:
+                    tee(relay.output(length))
+                await relay.send(length)
                 self._touch()
-                chunk = await self._finish_read()
+                length = await relay.wait_output()
         except StreamClosedError:
             log.info("%s: client went away mid-transfer", self._context)
             self.abort()
+        finally:
+            relay.close()
+            self._relay = None
         if self._aborted:
-            self._discard_rest()
-            return
+            self._discard_rest(relay)
+            return False
         status = await self._exit
         self._end()
         if status != 0:
@@ -332,21 +353,7 @@ class GitProcessPipe:
             # The body is close-delimited for HTTP/1.0; end it even if the
             # client asked for keep-alive.
             handler.request.connection.close()
-
-    def _start_read(self) -> Future[bytes]:
-        try:
-            return self._proc.stdout.read_bytes(CHUNK_SIZE, partial=True)
-        except StreamClosedError:
-            done: Future[bytes] = Future()
-            done.set_result(b"")
-            return done
-
-    async def _finish_read(self) -> bytes:
-        pending, self._pending_read = self._pending_read, None
-        try:
-            return await (pending if pending is not None else self._start_read())
-        except StreamClosedError:
-            return b""
+        return status == 0
 
     def _end(self) -> None:
         """The exchange is over: stop watching it for idleness (the timer would keep it alive)."""
@@ -399,22 +406,27 @@ class GitProcessPipe:
         self._aborted = True
         self._end()
         self.close_stdin()
-        if not self._proc.stdout.reading():  # else respond() is reading, and calls this when it stops
-            self._discard_rest()
+        if self._relay is None:  # else respond() is running, and calls this when it stops
+            self._discard_rest(None)
         if self._escalation is None and not self._exit.done():
             grace = WRITER_EXIT_GRACE if self._writes_repository else EXIT_GRACE
             self._escalation = IOLoop.current().call_later(grace, self._escalate, signal.SIGTERM)
 
-    def _discard_rest(self) -> None:
+    def _discard_rest(self, relay: Optional[OutputRelay]) -> None:
         """Drain receive-pack's output so it can finish cleanly; cut a reader's."""
         if not self._writes_repository:
             self._proc.stdout.close()
         elif not self._draining:
             self._draining = True
-            IOLoop.current().spawn_callback(self._discard_stdout)
+            IOLoop.current().spawn_callback(self._discard_stdout, relay)
 
-    async def _discard_stdout(self) -> None:
-        while await self._finish_read():
+    async def _discard_stdout(self, relay: Optional[OutputRelay]) -> None:
+        if relay is not None:
+            await relay.settle()
+        try:
+            while True:
+                await self._proc.stdout.read_bytes(CHUNK_SIZE, partial=True)
+        except StreamClosedError:
             pass
 
     def _escalate(self, signum: int) -> None:

@@ -1,4 +1,4 @@
-"""The ``gittornado`` command: options -> Application -> HTTPServer (in each worker process).
+"""The ``gittornado`` command: options -> Application -> HardenedHTTPServer (in each worker process).
 
 argparse (not tornado.options) so that ``gittornado --port 8080`` works as
 people type it.
@@ -17,7 +17,6 @@ import ssl
 import sys
 from typing import List, Optional
 
-from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.process import cpu_count
 from tornado.web import Application
@@ -25,9 +24,10 @@ from tornado.web import Application
 from . import __version__
 from .access import AccessPolicy, ReadOnlyPolicy
 from .handlers import GitBackend, NotFoundHandler
+from .http1 import HardenedHTTPServer
 from .observe import Metrics, RequestObserver
-from .pipe import CHUNK_SIZE as PIPE_CHUNK
 from .pipe import GitProcesses
+from .relay import CHUNK_SIZE as PIPE_CHUNK
 from .repos import RepositoryRoot
 from .routes import routes_for
 from .workers import FORWARDED, WorkerPool
@@ -227,7 +227,7 @@ async def serve(
         processes=processes,
         metrics=Metrics(processes) if args.metrics else None,
     )
-    server = HTTPServer(
+    server = HardenedHTTPServer(
         make_application(backend, args.prefix),
         xheaders=args.xheaders,
         ssl_options=tls,

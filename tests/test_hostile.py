@@ -1,11 +1,12 @@
 """Hostile input: every malformed request gets a 4xx, and leaves the server unharmed.
 
 Each case goes over a raw socket, so what is tested is what really goes on
-the wire.  Some are answered by Tornado itself before any gittornado code
-runs (broken framing, broken header lines): for those the test pins down
-what Tornado sends.  After every case the same checks run: no git process is
-left, no temporary file, the repository is unchanged and fsck-clean, and a
-real git client is served normally.
+the wire.  Some never reach a handler (broken framing, broken header lines,
+oversized heads): HardenedHTTPServer answers those in Tornado's place, and
+these tests pin down the Tornado behaviours it relies on (gittornado/http1.py).
+After every case the same checks run: no git process is left, no temporary
+file, the repository is unchanged and fsck-clean, and a real git client is
+served normally.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ from __future__ import annotations
 import asyncio
 import gzip
 import logging
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable, Tuple, Union
+from typing import Awaitable, Callable, Optional, Tuple, Union
 
 import pytest
 from conftest import GitClient, git_processes_under, parse_response, wait_until
 from test_faults import PushRequest, leftovers, push_request
 from test_stream import want_request
+from tornado.testing import bind_unused_port
+from tornado.web import Application, RequestHandler, stream_request_body
 
-from gittornado import GitBackend, RepositoryRoot
+from gittornado import GitBackend, HardenedHTTPServer, RepositoryRoot
 from gittornado.access import AccessPolicy
 
 #: The server's --max-body-size in this module: Target.push fits under it, Target.big_push does not.
@@ -35,6 +39,16 @@ RECEIVE = ("/proj.git/git-receive-pack", "application/x-git-receive-pack-request
 def backend(gitbase: Path, policy: AccessPolicy) -> GitBackend:
     """The in-process server of this module, with a body-size cap like ``--max-body-size 64K``."""
     return GitBackend(lookup=RepositoryRoot(str(gitbase)), policy=policy, max_body_size=LIMIT)
+
+
+@pytest.fixture
+def http_server(request: pytest.FixtureRequest, io_loop, app, _unused_port):
+    """The in-process server as the gittornado command builds it (pytest-tornado's is a plain HTTPServer)."""
+    server = HardenedHTTPServer(app)
+    server.add_socket(_unused_port[0])
+    yield server
+    server.stop()
+    io_loop.run_sync(server.close_all_connections, timeout=request.config.option.async_test_timeout)
 
 
 @dataclass
@@ -57,14 +71,17 @@ def target(git: GitClient, repo: Path, tmp_path: Path) -> Target:
     return Target(head, small, big)
 
 
-async def exchange(port: int, request: bytes, timeout: float = 10.0) -> Tuple[bytes, str]:
-    """Send ``request``, then read until the server closes; say how the connection ended.
+async def exchange(
+    port: int, request: bytes, timeout: float = 10.0, tls: Optional[ssl.SSLContext] = None
+) -> Tuple[bytes, str]:
+    """Send ``request`` (over TLS with ``tls``), then read until the server closes; say how the
+    connection ended.
 
     Unlike conftest.raw_http, a reset is an outcome here, not an error: a
     server that answers early and closes with unread input resets the
     connection, which may be all a client sees.
     """
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
     received = b""
     try:
         writer.write(request)
@@ -135,56 +152,163 @@ def unharmed(
     return check
 
 
-#: Requests Tornado refuses itself (HTTP1Connection._read_message catches HTTPInputError and
-#: writes a bare "HTTP/1.1 400 Bad Request\r\n\r\n": no body, no Content-Type, then closes).
-TORNADO_400 = {
-    "chunk-size-not-hex": lambda t: raw_post(
-        RECEIVE, b"Transfer-Encoding: chunked\r\n", b"%x\r\n%s\r\nzz\r\n" % (1000, t.push.body[:1000])
+def assert_plain_answer(raw: bytes, status: int, words: str) -> None:
+    """``raw`` is one complete answer: ``status``, a one-line plain-text reason with ``words``, its
+    Content-Length and ``Connection: close``."""
+    assert raw, "no answer at all"
+    code, headers, body = parse_response(raw)
+    assert code == status, raw[:300]
+    assert headers["content-type"] == "text/plain; charset=utf-8", raw[:300]
+    assert headers["connection"] == "close", raw[:300]
+    assert int(headers["content-length"]) == len(body), raw[:300]
+    text = body.decode()
+    assert text.startswith(f"{status} ") and text.count("\n") == 1 and text.endswith("\n"), body
+    assert words.lower() in text.lower(), body
+
+
+#: A password, base64-encoded as Basic auth sends it; it must never come back.
+SECRET = b"YWxpY2U6czNjcmV0"
+
+#: Requests no handler sees, refused by HardenedHTTPServer in place of Tornado's bare 400 (see
+#: gittornado/http1.py): (request builder, words the plain-text reason has).
+BROKEN_FRAMING = {
+    "chunk-size-not-hex": (
+        lambda t: raw_post(
+            RECEIVE, b"Transfer-Encoding: chunked\r\n", b"%x\r\n%s\r\nzz\r\n" % (1000, t.push.body[:1000])
+        ),
+        "invalid chunk size",
     ),
-    "chunk-without-crlf": lambda t: raw_post(
-        RECEIVE, b"Transfer-Encoding: chunked\r\n", b"%x\r\n%sXX0\r\n\r\n" % (1000, t.push.body[:1000])
+    "chunk-without-crlf": (
+        lambda t: raw_post(
+            RECEIVE, b"Transfer-Encoding: chunked\r\n", b"%x\r\n%sXX0\r\n\r\n" % (1000, t.push.body[:1000])
+        ),
+        "not followed by CRLF",
     ),
-    "chunk-size-overflow": lambda t: raw_post(
-        RECEIVE, b"Transfer-Encoding: chunked\r\n", b"ffffffffffffffffffff\r\n" + t.push.body[:1000]
+    "last-chunk-without-crlf": (
+        lambda t: raw_post(UPLOAD, b"Transfer-Encoding: chunked\r\n", b"4\r\n0000\r\n0\r\nXX"),
+        "not followed by CRLF",
     ),
-    "chunk-size-negative": lambda t: raw_post(
-        UPLOAD, b"Transfer-Encoding: chunked\r\n", b"-4\r\n0000\r\n0\r\n\r\n"
+    "chunk-size-overflow": (
+        lambda t: raw_post(
+            RECEIVE, b"Transfer-Encoding: chunked\r\n", b"ffffffffffffffffffff\r\n" + t.push.body[:1000]
+        ),
+        "chunk sizes add up to more than the body size limit",
     ),
-    "chunk-extension-junk": lambda t: raw_post(
-        UPLOAD, b"Transfer-Encoding: chunked\r\n", b"4;\x00\x01\r\n0000\r\n0\r\n\r\n"
+    "chunk-size-negative": (
+        lambda t: raw_post(UPLOAD, b"Transfer-Encoding: chunked\r\n", b"-4\r\n0000\r\n0\r\n\r\n"),
+        "invalid chunk size",
     ),
-    "te-and-content-length": lambda t: raw_post(
-        UPLOAD, b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n", chunked(b"0000")
+    "chunk-extension-junk": (
+        lambda t: raw_post(UPLOAD, b"Transfer-Encoding: chunked\r\n", b"4;\x00\x01\r\n0000\r\n0\r\n\r\n"),
+        "invalid chunk size",
     ),
-    "te-gzip": lambda t: raw_post(UPLOAD, b"Transfer-Encoding: gzip\r\n", gzip.compress(b"0000")),
-    "content-length-not-a-number": lambda t: raw_post(UPLOAD, b"Content-Length: 4x\r\n", b"0000"),
-    "content-length-negative": lambda t: raw_post(UPLOAD, b"Content-Length: -1\r\n", b"0000"),
-    "content-length-twice": lambda t: raw_post(
-        UPLOAD, b"Content-Length: 4\r\nContent-Length: 5\r\n", b"0000"
+    "te-and-content-length": (
+        lambda t: raw_post(UPLOAD, b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n", chunked(b"0000")),
+        "both Transfer-Encoding and Content-Length",
     ),
-    "request-line-garbage": lambda t: b"GARBAGE\r\n\r\n",
-    "tls-client-hello": lambda t: b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64) + b"\r\n\r\n",
-    "http2-preface": lambda t: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
-    "http-version-9": lambda t: b"GET /proj.git/HEAD HTTP/9.9\r\nHost: x\r\n\r\n",
-    "header-without-colon": lambda t: get("/proj.git/HEAD", b"NoColonHere"),
-    "raw-space-in-name": lambda t: get("/pr oj.git/info/refs?service=git-upload-pack"),
-    "git-protocol-control-char": lambda t: get(
-        "/proj.git/info/refs?service=git-upload-pack", b"Git-Protocol: version=2\x01"
+    "te-gzip": (
+        lambda t: raw_post(UPLOAD, b"Transfer-Encoding: gzip\r\n", gzip.compress(b"0000")),
+        "unsupported Transfer-Encoding",
     ),
+    "content-length-not-a-number": (
+        lambda t: raw_post(UPLOAD, b"Content-Length: 4x\r\n", b"0000"),
+        "Content-Length is not a number",
+    ),
+    "content-length-negative": (
+        lambda t: raw_post(UPLOAD, b"Content-Length: -1\r\n", b"0000"),
+        "Content-Length is not a number",
+    ),
+    "content-length-twice": (
+        lambda t: raw_post(UPLOAD, b"Content-Length: 4\r\nContent-Length: 5\r\n", b"0000"),
+        "conflicting Content-Length",
+    ),
+    "content-length-over-tornado-limit": (
+        # Not a git URL: Tornado's own body limit (100 MB by default) is in force there.
+        lambda t: raw_post(("/elsewhere", "text/plain"), b"Content-Length: %d\r\n" % 2**30, b"0000"),
+        "Content-Length is over the body size limit",
+    ),
+    "request-line-garbage": (lambda t: b"GARBAGE\r\n\r\n", "malformed request line"),
+    "tls-client-hello": (
+        lambda t: b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64) + b"\r\n\r\n",
+        "malformed request line",
+    ),
+    "http2-preface": (lambda t: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "unsupported HTTP version"),
+    "http-version-9": (
+        lambda t: b"GET /proj.git/HEAD HTTP/9.9\r\nHost: x\r\n\r\n",
+        "unsupported HTTP version",
+    ),
+    "header-without-colon": (lambda t: get("/proj.git/HEAD", b"NoColonHere"), "malformed header line"),
+    "header-name-with-space": (lambda t: get("/proj.git/HEAD", b"No Token: x"), "malformed header line"),
+    "header-folded": (lambda t: get("/proj.git/HEAD", b"X-A: b", b" folded"), "folded lines"),
+    "raw-space-in-name": (
+        lambda t: get("/pr oj.git/info/refs?service=git-upload-pack"),
+        "malformed request line",
+    ),
+    "git-protocol-control-char": (
+        lambda t: get("/proj.git/info/refs?service=git-upload-pack", b"Git-Protocol: version=2\x01"),
+        "malformed header line",
+    ),
+    "authorization-control-char": (
+        lambda t: get("/proj.git/HEAD", b"Authorization: Basic " + SECRET + b"\x01"),
+        "malformed header line",
+    ),
+    "host-missing": (lambda t: b"GET /proj.git/HEAD HTTP/1.1\r\n\r\n", "Host header"),
+    "host-invalid": (
+        lambda t: b"GET /proj.git/HEAD HTTP/1.1\r\nHost: two words\r\nConnection: close\r\n\r\n",
+        "Host header",
+    ),
+    "host-twice": (lambda t: get("/proj.git/HEAD", b"Host: y"), "Host header"),
 }
 
 
 @pytest.mark.gen_test(timeout=60)
-@pytest.mark.parametrize("case", list(TORNADO_400))
-async def test_broken_framing_is_a_bare_400_from_tornado(
+@pytest.mark.parametrize("case", list(BROKEN_FRAMING))
+async def test_broken_framing_is_a_400_with_the_reason(
     case: str, http_port: int, target: Target, unharmed: Unharmed
 ):
-    raw, ended = await exchange(http_port, TORNADO_400[case](target))
+    build, words = BROKEN_FRAMING[case]
+    request = build(target)
+    raw, ended = await exchange(http_port, request)
     assert ended != "hung"
-    status, headers, body = parse_response(raw)
-    assert status == 400, raw[:200]
-    # What Tornado sends: a status line and nothing else (see the module docstring).
-    assert (headers, body) == ({}, b""), raw[:300]
+    assert_plain_answer(raw, 400, words)
+    # Our own words, never the request's (gittornado/http1.py REASONS).
+    assert request.split(b"\r\n")[0] not in raw and SECRET not in raw, raw
+    await unharmed()
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_broken_framing_after_100_continue(http_port: int, target: Target, unharmed: Unharmed):
+    """Tornado's interim 100 (Continue) goes out first; the answer to the broken chunk follows it."""
+    request = raw_post(
+        RECEIVE,
+        b"Expect: 100-continue\r\nTransfer-Encoding: chunked\r\n",
+        b"%x\r\n%sXX" % (1000, target.push.body[:1000]),
+    )
+    raw, ended = await exchange(http_port, request)
+    assert ended != "hung"
+    interim = b"HTTP/1.1 100 (Continue)\r\n\r\n"
+    assert raw.startswith(interim), raw[:300]
+    assert_plain_answer(raw[len(interim) :], 400, "not followed by CRLF")
+    await unharmed()
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize(
+    "body",
+    [
+        lambda t: b"0" * 100 + b"%x\r\n%s\r\n0\r\n\r\n" % (1000, t.push.body[:1000]),
+        lambda t: b"%x\r\n%s\r\n%x;%s\r\n" % (1000, t.push.body[:1000], 1000, b"e" * 100),
+    ],
+    ids=["zero-padded-first-size", "long-extension-mid-body"],
+)
+async def test_overlong_chunk_size_line_is_a_400_not_a_431(
+    body: Callable[[Target], bytes], http_port: int, target: Target, unharmed: Unharmed
+):
+    """Tornado reads a chunk-size line with the same kind of bounded read as the head (64 bytes here):
+    overrunning it is broken framing, not an oversized head."""
+    raw, ended = await exchange(http_port, raw_post(RECEIVE, b"Transfer-Encoding: chunked\r\n", body(target)))
+    assert ended != "hung"
+    assert_plain_answer(raw, 400, "chunk-size line too long")
     await unharmed()
 
 
@@ -381,6 +505,10 @@ async def test_body_shorter_than_announced_then_close(
     await unharmed()
 
 
+#: What an oversized head is answered with (Tornado's default max_header_size).
+TOO_BIG = "request line and headers exceed 65536 bytes"
+
+
 @pytest.mark.gen_test(timeout=60)
 @pytest.mark.parametrize(
     "request_bytes",
@@ -394,22 +522,86 @@ async def test_body_shorter_than_announced_then_close(
 async def test_oversized_head_does_not_hurt_the_server(
     request_bytes: bytes, repo: Path, http_port: int, unharmed: Unharmed
 ):
-    """A head past Tornado's max_header_size (64 KiB): no hang, nothing runs, serving goes on."""
+    """A head past Tornado's max_header_size (64 KiB): a 431, no hang, nothing runs, serving goes on."""
     raw, ended = await exchange(http_port, request_bytes)
     assert ended != "hung"
-    assert not raw.startswith(b"HTTP/1.1 2"), raw[:200]
+    assert_plain_answer(raw, 431, TOO_BIG)
     await unharmed()
 
 
 @pytest.mark.gen_test(timeout=30)
-@pytest.mark.xfail(
-    strict=True,
-    reason="Tornado answers nothing: HTTP1Connection._read_message reads the head with "
-    "read_until_regex(max_bytes=max_header_size); the UnsatisfiableReadError is caught in "
-    "HTTP1ServerConnection._server_request_loop, which logs 'Unsatisfiable read, closing connection' "
-    "and closes (the client sees a reset), instead of a 431.",
-)
 async def test_oversized_head_is_answered_with_431(repo: Path, http_port: int, base_url: str):
-    raw, ended = await exchange(http_port, get("/proj.git/HEAD", b"X-Big: " + b"a" * 100_000))
+    """Also on a kept-alive connection, after a response: each request's head is watched anew."""
+    first = b"GET /proj.git/HEAD HTTP/1.1\r\nHost: x\r\n\r\n"
+    raw, ended = await exchange(http_port, first + get("/proj.git/HEAD", b"X-Big: " + b"a" * 100_000))
     assert raw, f"no answer at all, the connection was {ended}"
-    assert parse_response(raw)[0] == 431
+    assert parse_response(raw)[0] == 200, raw[:300]
+    assert_plain_answer(raw[raw.index(b"HTTP/1.1 431 ") :], 431, TOO_BIG)
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_head_just_under_the_limit_is_served(repo: Path, http_port: int, base_url: str):
+    raw, _ = await exchange(http_port, get("/proj.git/HEAD", b"X-Big: " + b"a" * 60_000))
+    assert parse_response(raw)[0] == 200, raw[:300]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_answers_over_tls(git, repo: Path, gitbase: Path, services, certificate, target: Target):
+    """The real command over TLS (an SSLIOStream): the same answers, then it serves on."""
+    cert, key = certificate
+    server = services.gittornado(gitbase, "--certfile", str(cert), "--keyfile", str(key))
+    tls = ssl.create_default_context(cafile=str(cert))
+    cases = [
+        (get("/proj.git/HEAD", b"X-Big: " + b"a" * 100_000), 431, TOO_BIG),
+        (
+            BROKEN_FRAMING["te-and-content-length"][0](target),
+            400,
+            "both Transfer-Encoding and Content-Length",
+        ),
+        (BROKEN_FRAMING["chunk-size-not-hex"][0](target), 400, "invalid chunk size"),
+        (
+            raw_post(RECEIVE, b"Transfer-Encoding: chunked\r\n", b"%x;%s\r\n" % (1000, b"e" * 100)),
+            400,
+            "chunk-size line too long",
+        ),
+    ]
+    for request, status, words in cases:
+        raw, ended = await exchange(server.port, request, tls=tls)
+        assert ended != "hung"
+        assert_plain_answer(raw, status, words)
+    result = await git.run("-c", f"http.sslCAInfo={cert}", "ls-remote", f"{server.url}/proj.git")
+    assert "refs/heads/main" in result.stdout
+
+
+@stream_request_body
+class EarlyAnswer(RequestHandler):
+    """Starts its response before reading the body, as an embedder's handler may."""
+
+    async def prepare(self) -> None:
+        self.write("early\n")
+        await self.flush()
+
+    def data_received(self, chunk: bytes) -> None:
+        pass
+
+    def post(self) -> None:
+        self.finish()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_overlong_chunk_size_line_after_the_response_started_adds_nothing():
+    """Once a response has started, a chunk-size line overrunning its limit only ends the connection
+    (the client sees a failed transfer): no answer of ours is written into the response."""
+    listener, port = bind_unused_port()
+    server = HardenedHTTPServer(Application([("/early", EarlyAnswer)]))
+    server.add_socket(listener)
+    try:
+        request = raw_post(
+            ("/early", "text/plain"), b"Transfer-Encoding: chunked\r\n", b"4;" + b"e" * 100 + b"\r\n"
+        )
+        raw, ended = await exchange(port, request)
+    finally:
+        server.stop()
+        await server.close_all_connections()
+    assert ended != "hung"
+    assert raw.startswith(b"HTTP/1.1 200 OK\r\n") and raw.endswith(b"\r\n\r\n6\r\nearly\n\r\n"), raw
