@@ -1,8 +1,7 @@
 """The servers under test, each started from throwaway configuration and stopped afterwards.
 
-* :class:`GittornadoServer`: the ``gittornado`` command (or, until the
-  users.ini policy lands, :mod:`benchmarks.launcher`, which mounts the same
-  application with an open policy so pushes are allowed).
+* :class:`GittornadoServer`: the ``gittornado`` command, with an access file
+  that lets everyone push.
 * :class:`HttpBackendServer`: ``git http-backend`` run by fcgiwrap behind
   nginx, configured to stream both ways (no request or response buffering,
   no body size limit), which is what people deploy instead.
@@ -19,11 +18,10 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 from .memory import ProcessTable, descendants
 
@@ -77,18 +75,11 @@ class GittornadoServer:
 
     def start(self) -> None:
         self.tmp.mkdir(parents=True, exist_ok=True)
-        argv: List[str]
-        try:
-            from gittornado.access import IniPolicy  # noqa: F401
-
-            access = self.tmp / "users.ini"
-            access.write_text("[users]\n[access]\n* = *=rw\n")
-            argv = ["gittornado", "--port", "0", "--address", "127.0.0.1", "--gitbase", str(self.root)]
-            argv += ["--accessfile", str(access)]
-            self.command = "gittornado --accessfile (everyone rw)"
-        except ImportError:
-            argv = [sys.executable, "-m", "benchmarks.launcher", "--gitbase", str(self.root)]
-            self.command = "python -m benchmarks.launcher (OpenPolicy; IniPolicy not yet available)"
+        access = self.tmp / "users.ini"
+        access.write_text("[users]\n[access]\n* = *=rw\n")
+        argv = ["gittornado", "--port", "0", "--address", "127.0.0.1", "--gitbase", str(self.root)]
+        argv += ["--accessfile", str(access)]
+        self.command = "gittornado --accessfile (everyone rw)"
         log = open(self.tmp / "gittornado.log", "wb")
         self.proc = subprocess.Popen(
             argv,

@@ -18,9 +18,11 @@ simply run git again until the state has settled.
 
 Not cached: receive-pack's advertisement (it may carry a per-request push
 certificate nonce); repositories whose config turns on
-``transfer.advertiseSID`` (a per-process id); reftable repositories; and
-answers over :data:`MAX_ANSWER` bytes or with more than :data:`MAX_LOOSE_REFS`
-loose refs (``git gc`` packs them).
+``transfer.advertiseSID`` (a per-process id); repositories whose config
+(their own or a global one) includes other files (``include.path``,
+``includeIf``), which are not among the files watched; reftable repositories;
+and answers over :data:`MAX_ANSWER` bytes or with more than
+:data:`MAX_LOOSE_REFS` loose refs (``git gc`` packs them).
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ def _stamp(path: str, follow: bool = True) -> Stamp:
     return (path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
-def repository_state(git_dir: str, config_files: List[str]) -> Optional[State]:
-    """What the advertisement of ``git_dir`` is made from, or None when it must not be cached."""
+def repository_state(git_dir: str, config_files: List[str], settled: float = SETTLED) -> Optional[State]:
+    """What the advertisement of ``git_dir`` is made from, or None when it must not be cached
+    (also while any of its files changed less than ``settled`` seconds ago)."""
     if os.path.isdir(os.path.join(git_dir, "reftable")):
         return None
     stamps = [_stamp(path) for path in config_files]
@@ -84,17 +87,21 @@ def repository_state(git_dir: str, config_files: List[str]) -> Optional[State]:
                 stamps.append(_stamp(entry.path, follow=False))
         if len(stamps) > MAX_LOOSE_REFS:
             return None
-    settled = time.time_ns() - int(SETTLED * 1e9)
-    if any(max(stamp[3], stamp[4]) > settled for stamp in stamps):
+    recent = time.time_ns() - int(settled * 1e9)
+    if any(max(stamp[3], stamp[4]) > recent for stamp in stamps):
         return None
     return tuple(stamps)
 
 
 class AdvertisementCache:
-    """Upload-pack advertisements by repository and protocol, each valid for one repository state."""
+    """Upload-pack advertisements by repository and protocol, each valid for one repository state.
 
-    def __init__(self, env: Mapping[str, str] = os.environ) -> None:
+    ``env`` locates the global git config files; ``settled`` is :data:`SETTLED`.
+    """
+
+    def __init__(self, env: Mapping[str, str] = os.environ, settled: float = SETTLED) -> None:
         self._config_files = global_config_files(env)
+        self._settled = settled
         self._entries: OrderedDict[Tuple[str, str], Tuple[State, bytes]] = OrderedDict()
         self._total = 0
 
@@ -102,7 +109,10 @@ class AdvertisementCache:
         """The state to look up and store under, or None: run git and keep nothing."""
         if config_bool(config, "transfer.advertisesid", False):
             return None
-        return repository_state(git_dir, self._config_files)
+        # A change in an included file (hidden refs, say) would go unseen.
+        if any(key.startswith(("include.", "includeif.")) for key in config):
+            return None
+        return repository_state(git_dir, self._config_files, self._settled)
 
     def get(self, git_dir: str, protocol: str, state: State) -> Optional[bytes]:
         """git's answer for ``protocol`` in ``state``, if it was kept."""

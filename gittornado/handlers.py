@@ -70,7 +70,9 @@ class GitBackend:
     access; ``max_body_size`` caps request bodies (``None``: unlimited);
     ``idle_timeout`` ends a transfer in which no byte moved either way for that
     many seconds (``None``: never); ``processes`` holds the running git
-    processes and their cap; ``metrics``, when set, is served at ``/metrics``.
+    processes and their cap; ``metrics``, when set, is served at ``/metrics``;
+    ``adverts`` replays unchanged upload-pack advertisements (by default an
+    :class:`~gittornado.adverts.AdvertisementCache` over ``base_env``).
     """
 
     lookup: Lookup
@@ -80,11 +82,15 @@ class GitBackend:
     metrics: Optional[Metrics] = None
     git: str = "git"
     configs: ConfigCache = field(default_factory=ConfigCache)
-    adverts: AdvertisementCache = field(default_factory=AdvertisementCache)
+    adverts: Optional[AdvertisementCache] = None
     processes: GitProcesses = field(default_factory=GitProcesses)
     base_env: Dict[str, str] = field(
         default_factory=lambda: {k: v for k, v in os.environ.items() if k not in _REPOSITORY_ENV}
     )
+
+    def __post_init__(self) -> None:
+        if self.adverts is None:  # it watches the global config files of the environment git runs in
+            self.adverts = AdvertisementCache(self.base_env)
 
 
 def pkt_line(text: str) -> bytes:
@@ -269,6 +275,7 @@ class InfoRefsHandler(GitHandler):
         v2 = "version=2" in protocol.split(":")
         prefix = b"" if v2 and service is UPLOAD_PACK else pkt_line(f"# service={service.name}\n") + b"0000"
         adverts = self.backend.adverts
+        assert adverts is not None  # set by GitBackend
         state = adverts.state(repo.path, config) if service is UPLOAD_PACK else None
         if state is not None:
             answer = adverts.get(repo.path, protocol, state)

@@ -35,10 +35,13 @@ The Tornado behaviours this relies on; tests/test_hostile.py fails if a Tornado 
    ``stream.socket`` is the connection's socket (an ``SSLSocket`` over TLS).
 5. The beginnings of Tornado's ``HTTPInputError`` messages (:data:`REASONS`); a message not listed gets
    the generic reason, so a changed text costs precision, not the answer.
+6. It logs each ``HTTPInputError`` on ``tornado.general`` as :data:`TORNADO_MALFORMED_LOG` with the
+   arguments (connection context, error); :class:`FramingLogFilter` rewrites that line.
 """
 
 from __future__ import annotations
 
+import logging
 import socket
 import sys
 from asyncio import Future
@@ -56,6 +59,9 @@ LINGER_SECONDS = 2.0
 
 #: What Tornado writes when it catches an ``HTTPInputError`` (behaviour 2 above).
 TORNADO_BARE_400 = b"HTTP/1.1 400 Bad Request\r\n\r\n"
+
+#: What Tornado logs, at INFO on ``tornado.general``, when it catches an ``HTTPInputError`` (behaviour 6).
+TORNADO_MALFORMED_LOG = "Malformed HTTP message from %s: %s"
 
 #: How Tornado's ``HTTPInputError`` messages begin -> the reason we send. Some messages go on to quote
 #: the request (a header value may be a password), so only the beginning is matched and never sent.
@@ -86,6 +92,33 @@ def framing_reason(error: Optional[BaseException]) -> str:
     """Our words for the ``HTTPInputError`` Tornado is handling; the generic reason for any other."""
     message = str(error) if error is not None else ""
     return next((reason for start, reason in REASONS if message.startswith(start)), GENERIC_REASON)
+
+
+class FramingLogFilter(logging.Filter):
+    """Tornado's log line for a malformed request, with our words for what was wrong in place of its message.
+
+    Tornado's message may quote the request: an invalid header value is quoted whole, so an
+    ``Authorization`` header with a stray control character would put a password in the log, which
+    gittornado promises never happens. The client address stays, so the line still says who sent it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if (
+            record.msg == TORNADO_MALFORMED_LOG
+            and isinstance(args, tuple)
+            and len(args) == 2
+            and isinstance(args[1], BaseException)
+        ):
+            record.args = (args[0], framing_reason(args[1]))
+        return True
+
+
+def install_framing_log_filter() -> None:
+    """Put a :class:`FramingLogFilter` on Tornado's ``tornado.general`` logger, unless one is there."""
+    logger = logging.getLogger("tornado.general")
+    if not any(isinstance(existing, FramingLogFilter) for existing in logger.filters):
+        logger.addFilter(FramingLogFilter())
 
 
 def plain_answer(status: int, reason: str) -> bytes:
@@ -211,8 +244,16 @@ class HardenedHTTPServer(HTTPServer):
     Broken framing (chunk sizes, ``Content-Length``, ``Transfer-Encoding``), a malformed request line or
     header line get ``400`` and a request head over ``max_header_size`` gets ``431``, each with
     ``Content-Type: text/plain``, ``Content-Length``, ``Connection: close`` and a one-line reason, instead
-    of Tornado's bare 400 or a silent close. Takes the same arguments as ``HTTPServer``.
+    of Tornado's bare 400 or a silent close. Tornado's log line for such a request names the problem in the
+    same words, never quoting the request (:class:`FramingLogFilter`). Takes the same arguments as
+    ``HTTPServer``.
     """
+
+    def initialize(self, *args: Any, **kwargs: Any) -> None:
+        """Set up as ``HTTPServer`` does, and install :class:`FramingLogFilter` (once per process): the
+        filter must be in place before the first request, and every server is initialized before that."""
+        super().initialize(*args, **kwargs)
+        install_framing_log_filter()
 
     def handle_stream(self, stream: IOStream, address: tuple) -> None:
         """Prepare the connection's stream (see the module docstring), then serve it as Tornado does."""

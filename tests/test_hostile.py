@@ -12,6 +12,7 @@ served normally.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import logging
 import ssl
@@ -28,6 +29,7 @@ from tornado.web import Application, RequestHandler, stream_request_body
 
 from gittornado import GitBackend, HardenedHTTPServer, RepositoryRoot
 from gittornado.access import AccessPolicy
+from gittornado.http1 import FramingLogFilter
 
 #: The server's --max-body-size in this module: Target.push fits under it, Target.big_push does not.
 LIMIT = 64 * 1024
@@ -274,6 +276,27 @@ async def test_broken_framing_is_a_400_with_the_reason(
     # Our own words, never the request's (gittornado/http1.py REASONS).
     assert request.split(b"\r\n")[0] not in raw and SECRET not in raw, raw
     await unharmed()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_credentials_in_a_malformed_header_never_reach_a_log(
+    http_server: HardenedHTTPServer, http_port: int, app: Application, caplog: pytest.LogCaptureFixture
+):
+    """Tornado's own log line for a malformed request would quote the header value (the credentials);
+    it says in our words what was wrong instead, and still says from where."""
+    caplog.set_level(logging.INFO)
+    raw, ended = await exchange(http_port, get("/proj.git/HEAD", b"Authorization: Basic " + SECRET + b"\x01"))
+    assert ended != "hung"
+    assert_plain_answer(raw, 400, "malformed header line")
+    messages = [record.getMessage() for record in caplog.records]
+    assert "Malformed HTTP message from 127.0.0.1: malformed header line" in messages, messages
+    password = base64.b64decode(SECRET).decode().partition(":")[2]
+    for text in [*messages, caplog.text]:
+        assert SECRET.decode() not in text and password not in text, text
+    # Installed once, however many servers are made.
+    HardenedHTTPServer(app)
+    filters = logging.getLogger("tornado.general").filters
+    assert sum(isinstance(f, FramingLogFilter) for f in filters) == 1, filters
 
 
 @pytest.mark.gen_test(timeout=60)

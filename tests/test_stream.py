@@ -425,3 +425,51 @@ async def test_gzip_bodies_work_when_the_server_decompresses_itself(
         assert git.sync("rev-parse", "origin/main", cwd=work).strip() == head_of(git, repo)
     finally:
         server.stop()
+
+
+def chunk_sizes(raw: bytes) -> list[int]:
+    """The sizes of a chunked body's chunks, the terminating zero included."""
+    sizes, rest = [], raw
+    while rest:
+        size_line, _, rest = rest.partition(b"\r\n")
+        sizes.append(int(size_line, 16))
+        rest = rest[sizes[-1] + 2 :]
+    return sizes
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_git_answers_pass_a_compressing_application_unchanged(
+    backend, git: GitClient, repo: Path, tmp_path: Path
+):
+    """git's output is framed by the relay, past the handler: an app's gzip transform must not touch it."""
+    from tornado.httpserver import HTTPServer
+    from tornado.testing import bind_unused_port
+    from tornado.web import Application
+
+    from gittornado import routes_for
+
+    head = push_noise(git, repo, 2)
+    sock, port = bind_unused_port()
+    server = HTTPServer(Application(routes_for(backend, ""), compress_response=True))
+    server.add_sockets([sock])
+    try:
+        request = upload_pack_post("proj.git", want_request(head))
+        raw = await raw_http(port, request.replace(b"Host: x\r\n", b"Host: x\r\nAccept-Encoding: gzip\r\n"))
+        status, headers, body = parse_response(raw)
+        assert status == 200 and "content-encoding" not in headers
+        sizes = chunk_sizes(body)
+        # Large, bounded chunks (a 2 MiB pack in a few of them), and the terminating one.
+        assert sizes[-1] == 0 and max(sizes) <= 256 * 1024 and len(sizes) < 60, sizes
+        payload, complete = dechunk(body)
+        assert complete and payload.startswith(b"0008NAK\nPACK") and len(payload) > 2 * 1024 * 1024
+
+        dumb = b"GET /proj.git/info/refs HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n"
+        raw = await raw_http(port, dumb + b"Connection: close\r\n\r\n")
+        status, headers, body = parse_response(raw)
+        assert status == 200 and "content-encoding" not in headers
+        assert f"{head}\trefs/heads/main".encode() in dechunk(body)[0]
+
+        await git.run("clone", "-q", f"http://127.0.0.1:{port}/proj.git", str(tmp_path / "clone"))
+        assert git.sync("rev-parse", "HEAD", cwd=tmp_path / "clone").strip() == head
+    finally:
+        server.stop()
