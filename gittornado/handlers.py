@@ -303,7 +303,7 @@ class ServiceHandler(GitHandler):
     def initialize(self, backend: GitBackend) -> None:  # type: ignore[override]
         super().initialize(backend)
         self.decoder: Optional[BodyDecoder] = None
-        # The body's last byte, kept from git until the whole request has arrived.
+        # The body's latest piece, kept from git until the next one or the end of the request.
         self.held_back = b""
 
     async def prepare(self) -> None:
@@ -342,11 +342,11 @@ class ServiceHandler(GitHandler):
             for piece in self.decoder.decode(chunk):
                 # git acts once its payload is complete (receive-pack updates refs when
                 # the pack's last byte is in), which can be before the HTTP body is.
-                # Holding one byte back until post() means a request cut short always
-                # reaches git incomplete, so it changes nothing.
+                # Holding the latest piece back until post() means a request cut short
+                # always reaches git incomplete, so it changes nothing.  (A whole piece,
+                # not just its last byte: a one-byte write per piece would wake git for it.)
                 await self.pipe.write(self.held_back)
-                await self.pipe.write(memoryview(piece)[:-1])  # a view: no copy of the piece
-                self.held_back = piece[-1:]
+                self.held_back = piece
         except HTTPError as error:
             self._refuse(error)
 

@@ -49,13 +49,13 @@ from tornado.locks import Semaphore
 from tornado.util import TimeoutError as WaitTimeout
 from tornado.web import HTTPError, RequestHandler
 
-from .relay import CHUNK_SIZE, OutputRelay
+from .relay import CHUNK_SIZE, COALESCE_PIPE_SIZE, OutputRelay
 
 log = logging.getLogger("gittornado")
 
 #: Kernel buffer of each pipe to and from git (Linux's default is 64 KiB), so git
 #: keeps working while the loop is busy with other requests.
-PIPE_SIZE = 1024 * 1024
+PIPE_SIZE = COALESCE_PIPE_SIZE
 #: Seconds an aborted read-only git gets to exit by itself, before SIGTERM.
 EXIT_GRACE = 1.0
 #: The same for receive-pack, which may be finishing a push whose body arrived whole.

@@ -10,11 +10,13 @@ Two things make it cheap, and both were measured (``docs/benchmarks.md``):
   :data:`CHUNK_SIZE` (0.07 s of CPU for the same clone).  The first chunk and
   the end of output are never delayed, so small answers (``info/refs``,
   negotiation) go out at once.
-* **No copies in Python.**  Output is read into two alternating buffers, each
-  framed in place as one HTTP/1.1 chunk (size line before, CRLF after) and
-  handed to the connection's stream as a view.  While one is being sent, git's
-  next output is read into the other.  (``RequestHandler.write`` would copy
-  each chunk three times on its way.)
+* **No copies in Python.**  Output is read into a buffer, framed there in
+  place as one HTTP/1.1 chunk (size line before, CRLF after) and handed to
+  the connection's stream as a view.  (``RequestHandler.write`` would copy
+  each chunk three times on its way.)  An answer starts with one
+  :data:`FIRST_READ_SIZE` buffer; one that fills it gets two of
+  :data:`CHUNK_SIZE`, so git's next output is read into one while the other
+  is being sent.
 
 git keeps working while the client receives: it writes into the pipe's
 1 MiB kernel buffer meanwhile.
@@ -23,6 +25,7 @@ git keeps working while the client receives: it writes into the pipe's
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import select
 from typing import Optional
 
@@ -34,8 +37,11 @@ CHUNK_SIZE = 256 * 1024
 #: The buffer of an answer's first read: most answers (ref advertisements, negotiation) fit, and only
 #: an answer that fills it gets two buffers of :data:`CHUNK_SIZE`.
 FIRST_READ_SIZE = 64 * 1024
-#: How long git gets to write more before a read, while it streams in small pieces.
+#: How long git gets to write more before a read, while it streams in small pieces.  (The event loop
+#: sleeps in whole milliseconds; git writes up to about 800 KB in one, measured.)
 COALESCE_DELAY = 0.001
+#: The smallest pipe buffer that holds what git writes during such a pause.
+COALESCE_PIPE_SIZE = 1024 * 1024
 
 
 class OutputRelay:
@@ -53,6 +59,13 @@ class OutputRelay:
         self._current = 0
         self._pending: Optional[Future[int]] = None
         self._last_length = 0
+        # Pausing is only safe while git can write ahead meanwhile: with a small pipe (the kernel
+        # refuses large ones to a user holding many) it would block git and cost throughput.
+        try:
+            capacity = fcntl.fcntl(source.fileno(), getattr(fcntl, "F_GETPIPE_SZ", 1032))
+        except OSError:
+            capacity = 0
+        self._may_pause = capacity >= COALESCE_PIPE_SIZE
 
     async def wait_output(self) -> int:
         """Wait for git's next output; return its length (0: git's output has ended)."""
@@ -98,7 +111,7 @@ class OutputRelay:
 
     async def _coalesce(self) -> None:
         """Give git a moment to write more, when it sent only a little last time and still writes."""
-        if 0 < self._last_length < CHUNK_SIZE // 2:
+        if self._may_pause and 0 < self._last_length < CHUNK_SIZE // 2:
             hung_up = select.poll()
             hung_up.register(self._source.fileno(), select.POLLHUP)
             if not hung_up.poll(0):  # git has not closed its end: more output is coming
