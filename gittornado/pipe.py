@@ -53,9 +53,12 @@ from .relay import CHUNK_SIZE, COALESCE_PIPE_SIZE, OutputRelay
 
 log = logging.getLogger("gittornado")
 
-#: Kernel buffer of each pipe to and from git (Linux's default is 64 KiB), so git
-#: keeps working while the loop is busy with other requests.
-PIPE_SIZE = COALESCE_PIPE_SIZE
+#: Kernel buffer of the pipe from git's stdout (Linux's default is 64 KiB): git keeps
+#: writing while the loop is busy with other requests or pauses to let output gather.
+STDOUT_PIPE_SIZE = COALESCE_PIPE_SIZE
+#: Kernel buffer of the pipe to git's stdin: a request body piece fits, and what git reads
+#: is still in the CPU's cache (a 1 MiB pipe made a 1 GiB push about 15% slower, measured).
+STDIN_PIPE_SIZE = 256 * 1024
 #: Seconds an aborted read-only git gets to exit by itself, before SIGTERM.
 EXIT_GRACE = 1.0
 #: The same for receive-pack, which may be finishing a push whose body arrived whole.
@@ -93,8 +96,8 @@ class GitProcesses:
         """Start ``argv`` off the event loop, in its own process group, with piped stdio."""
         opened: List[int] = []  # every fd made here, so a failure at any step closes them all
         try:
-            stdin_r, stdin_w = _pipe(opened) if with_stdin else (subprocess.DEVNULL, -1)
-            stdout_r, stdout_w = _pipe(opened)
+            stdin_r, stdin_w = _pipe(opened, STDIN_PIPE_SIZE) if with_stdin else (subprocess.DEVNULL, -1)
+            stdout_r, stdout_w = _pipe(opened, STDOUT_PIPE_SIZE)
             stderr_r, stderr_w = _pipe(opened)
             start = functools.partial(
                 subprocess.Popen,
@@ -135,15 +138,16 @@ class GitProcesses:
             pipe.abort()
 
 
-def _pipe(opened: List[int]) -> tuple[int, int]:
-    """A pipe (both ends close-on-exec, appended to ``opened``) with a :data:`PIPE_SIZE` buffer
-    where the kernel allows."""
+def _pipe(opened: List[int], size: Optional[int] = None) -> tuple[int, int]:
+    """A pipe (both ends close-on-exec, appended to ``opened``), with a buffer of ``size``
+    bytes where the kernel allows."""
     read_end, write_end = os.pipe()
     opened += (read_end, write_end)
-    try:
-        fcntl.fcntl(read_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), PIPE_SIZE)
-    except OSError:
-        pass  # a smaller pipe only costs speed
+    if size is not None:
+        try:
+            fcntl.fcntl(read_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), size)
+        except OSError:
+            pass  # a smaller pipe only costs speed
     return read_end, write_end
 
 
