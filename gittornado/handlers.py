@@ -11,6 +11,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
+from weakref import WeakSet
 
 from tornado import httputil
 from tornado.concurrent import Future
@@ -87,6 +88,8 @@ class GitBackend:
     base_env: Dict[str, str] = field(
         default_factory=lambda: {k: v for k, v in os.environ.items() if k not in _REPOSITORY_ENV}
     )
+    #: The requests in progress (a shutdown lets them finish); weak, so none is kept alive by it.
+    requests: WeakSet[RequestHandler] = field(default_factory=WeakSet)
 
     def __post_init__(self) -> None:
         if self.adverts is None:  # it watches the global config files of the environment git runs in
@@ -112,9 +115,13 @@ class GitRequestMixin:
     bytes_out = 0
     client_gone = False
     completed = False
+    #: The backend's requests in progress, this one among them until it finishes.
+    in_progress: Optional[WeakSet[RequestHandler]] = None
 
     def initialize(self, backend: GitBackend) -> None:
         self.backend = backend
+        self.in_progress = backend.requests
+        self.in_progress.add(self)
 
     async def open_repository(self, name: str, permission: Permission) -> Tuple[Repository, Grant]:
         """Resolve ``name`` and check ``permission`` on it, or raise the right HTTP error."""
@@ -142,6 +149,8 @@ class GitRequestMixin:
 
     def on_finish(self) -> None:
         self.completed = True
+        if self.in_progress is not None:
+            self.in_progress.discard(self)
         super().on_finish()  # type: ignore[misc]
 
     def write(self, chunk: Union[str, bytes, dict]) -> None:  # type: ignore[override]

@@ -247,13 +247,14 @@ async def serve(
     signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
     await stop.wait()
     log.info(
-        "shutting down: no new connections; waiting up to %gs for %d running transfers",
+        "shutting down: no new connections; waiting up to %gs for %d requests in progress",
         args.shutdown_grace,
-        len(backend.processes.running),
+        len(backend.requests),
     )
     server.stop()
     deadline = loop.time() + args.shutdown_grace
-    while backend.processes.running and loop.time() < deadline:
+    # Requests include dumb-protocol downloads, which run no git process.
+    while (backend.requests or backend.processes.running) and loop.time() < deadline:
         await asyncio.sleep(0.1)
     backend.processes.abort_all()
     await asyncio.wait_for(server.close_all_connections(), timeout=5)

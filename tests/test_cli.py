@@ -138,6 +138,32 @@ async def test_sigterm_lets_running_transfer_finish(
     assert not git_processes_under(gitbase)
 
 
+@pytest.mark.gen_test(timeout=120)
+async def test_sigterm_lets_a_dumb_download_finish(spawn_server, git: GitClient, gitbase: Path):
+    """A pack file download runs no git process; shutdown still waits for it."""
+    repo = make_repo(git, gitbase, "dumb.git", commits=1)
+    push_noise(git, repo, 16)
+    git.sync("repack", "-a", "-d", "-q", cwd=repo)
+    pack = next((repo / "objects" / "pack").glob("pack-*.pack"))
+    server = spawn_server("--gitbase", str(gitbase))
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(b"GET /dumb.git/objects/pack/%s HTTP/1.1\r\nHost: x\r\n\r\n" % pack.name.encode())
+    received = await reader.readexactly(64 * 1024)  # under way, held back by us
+    server.proc.send_signal(signal.SIGTERM)
+    await asyncio.sleep(1)
+    assert server.proc.poll() is None, "the server quit with a download in progress"
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+    body += await asyncio.wait_for(reader.readexactly(length - len(body)), 60)
+    writer.close()
+    assert body == pack.read_bytes(), "the download was completed, not cut"
+    assert server.proc.wait(30) == 0
+
+
 @pytest.mark.gen_test(timeout=60)
 async def test_embed_example(git: GitClient, repo: Path, gitbase: Path, tmp_path: Path):
     with socket.socket() as s:
