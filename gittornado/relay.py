@@ -9,7 +9,9 @@ Two things make it cheap, and both were measured (``docs/benchmarks.md``):
   millisecond to fill the pipe before reading, so chunks come near
   :data:`CHUNK_SIZE` (0.07 s of CPU for the same clone).  The first chunk and
   the end of output are never delayed, so small answers (``info/refs``,
-  negotiation) go out at once.
+  negotiation) go out at once.  The pause needs a pipe that holds what git
+  writes meanwhile (:data:`COALESCE_PIPE_SIZE`); where the kernel gave a
+  smaller one, the relay reads as git writes.
 * **No copies in Python.**  Output is read into a buffer, framed there in
   place as one HTTP/1.1 chunk (size line before, CRLF after) and handed to
   the connection's stream as a view.  (``RequestHandler.write`` would copy
