@@ -25,6 +25,7 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Dict, Optional
 
+from tornado.ioloop import PeriodicCallback
 from tornado.web import RequestHandler
 
 access_log = logging.getLogger("gittornado.access")
@@ -69,14 +70,21 @@ class Metrics:
     Needs the ``prometheus_client`` package (``pip install gittornado[metrics]``).
     Labels carry the service and status only, never repository names, so the
     metrics reveal nothing about which repositories exist.
+
+    ``shared_dir`` is for a server of several processes: each keeps its values
+    in files there (prometheus_client's multiprocess mode, which
+    ``PROMETHEUS_MULTIPROC_DIR`` must name before prometheus_client is first
+    imported), and every scrape, whichever process answers it, reports the sum
+    over all of them.
     """
 
-    def __init__(self, running_processes: Any) -> None:
+    def __init__(self, running_processes: Any, shared_dir: Optional[str] = None) -> None:
         try:
             import prometheus_client as prom
         except ImportError:  # pragma: no cover - depends on the installation
             raise RuntimeError("metrics need prometheus_client: pip install 'gittornado[metrics]'") from None
         self._prom = prom
+        self._shared_dir = shared_dir
         self.registry = prom.CollectorRegistry()
         self.requests = prom.Counter(
             "gittornado_requests", "Requests answered", ["service", "status"], registry=self.registry
@@ -99,8 +107,16 @@ class Metrics:
             "Requests refused for wrong or unknown credentials",
             registry=self.registry,
         )
-        running = prom.Gauge("gittornado_git_processes", "git processes running", registry=self.registry)
-        running.set_function(lambda: len(running_processes.running))
+        running = prom.Gauge(
+            "gittornado_git_processes",
+            "git processes running",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        if shared_dir is None:
+            running.set_function(lambda: len(running_processes.running))
+        else:  # a value in a file cannot be a function: sample it
+            PeriodicCallback(lambda: running.set(len(running_processes.running)), 1000).start()
 
     def observe(self, fields: Dict[str, Any], had_credentials: bool) -> None:
         """Count one finished request."""
@@ -114,7 +130,13 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus text format."""
-        return self._prom.generate_latest(self.registry)
+        if self._shared_dir is None:
+            return self._prom.generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        every_process = self._prom.CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_process, path=self._shared_dir)
+        return self._prom.generate_latest(every_process)
 
 
 class RequestObserver:

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import importlib.util
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
 import sys
-from typing import List, Optional
+import tempfile
+from typing import Callable, List, Optional
 
 from tornado.netutil import bind_sockets
 from tornado.process import cpu_count
@@ -216,8 +220,12 @@ async def serve(
     sockets: List[socket.socket],
     policy: AccessPolicy,
     tls: Optional[ssl.SSLContext],
+    metrics_dir: Optional[str] = None,
 ) -> None:
-    """Serve on ``sockets`` until SIGTERM or SIGINT, then shut down gracefully."""
+    """Serve on ``sockets`` until SIGTERM or SIGINT, then shut down gracefully.
+
+    ``metrics_dir`` is where the workers of ``--processes`` share their metrics.
+    """
     processes = GitProcesses(limit=args.max_git_processes)
     backend = GitBackend(
         lookup=RepositoryRoot(os.path.realpath(args.gitbase)),
@@ -225,7 +233,7 @@ async def serve(
         max_body_size=args.max_body_size,
         idle_timeout=args.idle_timeout or None,
         processes=processes,
-        metrics=Metrics(processes) if args.metrics else None,
+        metrics=Metrics(processes, metrics_dir) if args.metrics else None,
     )
     server = HardenedHTTPServer(
         make_application(backend, args.prefix),
@@ -260,6 +268,28 @@ async def serve(
     await asyncio.wait_for(server.close_all_connections(), timeout=5)
 
 
+def share_metrics() -> str:
+    """A new directory in which the workers of ``--processes`` keep their metrics.
+
+    Every worker then answers a scrape with the totals of all of them
+    (prometheus_client's multiprocess mode).  prometheus_client reads
+    ``PROMETHEUS_MULTIPROC_DIR`` when it is first imported, which happens in
+    the workers, after this.
+    """
+    path = tempfile.mkdtemp(prefix="gittornado-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+def forget_metrics(metrics_dir: Optional[str]) -> Optional[Callable[[int], object]]:
+    """What the parent does when a worker exits: its gauges stop counting (its counters still do)."""
+    if metrics_dir is None:
+        return None
+    from prometheus_client import multiprocess
+
+    return functools.partial(multiprocess.mark_process_dead, path=metrics_dir)
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     """Entry point of the ``gittornado`` command.
 
@@ -278,24 +308,28 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit(f"gittornado: --gitbase {args.gitbase}: not a directory")
     if args.max_git_processes is not None and args.max_git_processes < 1:
         raise SystemExit("gittornado: --max-git-processes must be 1 or more")
-    if args.metrics:
-        try:
-            import prometheus_client  # noqa: F401
-        except ImportError:
-            raise SystemExit(
-                "gittornado: --metrics needs prometheus_client: pip install 'gittornado[metrics]'"
-            ) from None
     if args.processes < 0:
         raise SystemExit("gittornado: --processes must be 0 (one per CPU) or more")
     processes = args.processes or cpu_count()
+    if args.metrics and importlib.util.find_spec("prometheus_client") is None:
+        raise SystemExit("gittornado: --metrics needs prometheus_client: pip install 'gittornado[metrics]'")
     policy = load_policy(args)
     tls = tls_context(args)
     sockets = listen(args)
     port = sockets[0].getsockname()[1]
     print(startup_line(args, root, port, tls is not None, processes), flush=True)
-    if processes > 1 and WorkerPool(processes, sockets).run() is None:
-        return  # the parent, after every worker has stopped
-    asyncio.run(serve(args, sockets, policy, tls))
+    metrics_dir = None
+    if processes > 1:
+        metrics_dir = share_metrics() if args.metrics else None
+        worker = None
+        try:
+            worker = WorkerPool(processes, sockets, forget_metrics(metrics_dir)).run()
+        finally:
+            if worker is None and metrics_dir is not None:  # the parent, done with its workers
+                shutil.rmtree(metrics_dir, ignore_errors=True)
+        if worker is None:
+            return
+    asyncio.run(serve(args, sockets, policy, tls, metrics_dir))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import os
 import signal
 import socket
 import time
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 log = logging.getLogger("gittornado")
 
@@ -37,11 +37,18 @@ class WorkerPool:
     ``sockets`` are the listening sockets the workers inherit; the parent
     closes its copies when it is told to stop, so that once the workers stop
     accepting, new connections are refused instead of left waiting.
+    ``on_exit`` is called in the parent with the pid of each worker that exits.
     """
 
-    def __init__(self, count: int, sockets: Sequence[socket.socket]) -> None:
+    def __init__(
+        self,
+        count: int,
+        sockets: Sequence[socket.socket],
+        on_exit: Optional[Callable[[int], object]] = None,
+    ) -> None:
         self.count = count
         self.sockets = sockets
+        self.on_exit = on_exit
         self.children: Dict[int, int] = {}  # pid -> worker index
         self.started: Dict[int, float] = {}  # pid -> time.monotonic() at fork
         self.stopping = False
@@ -66,6 +73,8 @@ class WorkerPool:
             if index is None:
                 continue
             lifetime = time.monotonic() - self.started.pop(pid)
+            if self.on_exit is not None:
+                self.on_exit(pid)
             code = os.waitstatus_to_exitcode(status)
             if self.stopping or code == 0:
                 log.info("worker %d (pid %d) exited", index, pid)

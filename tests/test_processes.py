@@ -251,3 +251,29 @@ async def test_unit_command_serves_reloads_and_stops_gracefully(git, repo, tmp_p
     grace = int(service["TimeoutStopSec"])
     assert server.proc.wait(grace) == 0
     assert processes_naming(str(gitbase)) == []
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_every_scrape_counts_every_worker(repo, services, gitbase):
+    """With --processes, /metrics answers with the totals of all workers, whichever answers."""
+    from tornado.httpclient import AsyncHTTPClient
+
+    server = services.gittornado(gitbase, "--processes", "2", "--metrics")
+    first, second = workers_of(server, 2)
+    client = AsyncHTTPClient(force_instance=True)  # a new connection per request: any worker may accept
+    url = f"{server.url}/proj.git/info/refs?service=git-upload-pack"
+    await asyncio.gather(*(client.fetch(url) for _ in range(40)))
+    assert wait_for(lambda: server.read().count("service=info/refs:git-upload-pack") == 40)
+    served_by = set(re.findall(r"\[(\d+)\]: .*service=info/refs:git-upload-pack", server.read()))
+    assert served_by == {str(first), str(second)}, "both workers should have served some"
+    line = 'gittornado_requests_total{service="info/refs:git-upload-pack",status="200"} 40.0'
+    for _ in range(6):
+        assert line in (await client.fetch(f"{server.url}/metrics")).body.decode()
+    # A worker that dies takes its gauges along, but its counts stay in the totals.
+    os.kill(first, signal.SIGKILL)
+    assert wait_for(lambda: first not in children_of(server.proc.pid))
+    workers_of(server, 2)  # and its replacement runs
+    for _ in range(4):
+        metrics = (await client.fetch(f"{server.url}/metrics")).body.decode()
+        assert line in metrics and "gittornado_git_processes 0.0" in metrics
+    client.close()
