@@ -132,7 +132,10 @@ async def _killed_git(args: List[str], env: Dict[str, str], after: float, cwd: P
     try:
         await asyncio.wait_for(proc.wait(), after)
     except asyncio.TimeoutError:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it finished just as the time ran out
         await proc.wait()
     return proc.returncode
 
