@@ -31,7 +31,7 @@ from typing import Callable, Dict, List
 from .repos import build, git_env
 from .run import FULL
 from .servers import GittornadoServer
-from .workloads import curl_replay, fetch_request, median
+from .workloads import PlainUploadPack, curl_replay, fetch_request, median
 
 
 def relay_forever(listener: socket.socket, repo: Path, env: Dict[str, str]) -> None:
@@ -79,14 +79,7 @@ def main() -> None:
         server.start()
 
         def plain() -> None:
-            with open(request, "rb") as body:
-                subprocess.run(
-                    ["git", "upload-pack", "--stateless-rpc", str(repo)],
-                    stdin=body,
-                    stdout=subprocess.DEVNULL,
-                    env={**env, "GIT_PROTOCOL": "version=2"},
-                    check=True,
-                )
+            PlainUploadPack(env).run(repo, request).wait()
 
         def via(url: str) -> Callable[[], None]:
             return lambda: curl_replay(url, request).communicate()

@@ -212,7 +212,8 @@ class GitProcessPipe:
         self._exit = proc.exit
         self._exit.add_done_callback(lambda _: self._exited(registry))
         registry.running.add(self)
-        loop = IOLoop.current()
+        # Its loop, looked up once: _touch() runs for every piece of every body.
+        self._loop = loop = IOLoop.current()
         loop.spawn_callback(self._drain_stderr)
         self._last_activity = loop.time()
         if idle_timeout:
@@ -362,19 +363,19 @@ class GitProcessPipe:
     def _end(self) -> None:
         """The exchange is over: stop watching it for idleness (the timer would keep it alive)."""
         if self._idle_timer is not None:
-            IOLoop.current().remove_timeout(self._idle_timer)
+            self._loop.remove_timeout(self._idle_timer)
             self._idle_timer = None
 
     def _touch(self) -> None:
-        self._last_activity = IOLoop.current().time()
+        self._last_activity = self._loop.time()
 
     def _check_idle(self) -> None:
         """End the exchange once no byte has moved either way for the idle timeout."""
         if self._idle_timer is None or not self._idle_timeout:
             return
-        idle = IOLoop.current().time() - self._last_activity
+        idle = self._loop.time() - self._last_activity
         if idle < self._idle_timeout:
-            self._idle_timer = IOLoop.current().call_later(self._idle_timeout - idle, self._check_idle)
+            self._idle_timer = self._loop.call_later(self._idle_timeout - idle, self._check_idle)
             return
         log.warning("%s: no data moved for %.0fs; closing the connection", self._context, idle)
         self.abort()
@@ -414,7 +415,7 @@ class GitProcessPipe:
             self._discard_rest(None)
         if self._escalation is None and not self._exit.done():
             grace = WRITER_EXIT_GRACE if self._writes_repository else EXIT_GRACE
-            self._escalation = IOLoop.current().call_later(grace, self._escalate, signal.SIGTERM)
+            self._escalation = self._loop.call_later(grace, self._escalate, signal.SIGTERM)
 
     def _discard_rest(self, relay: Optional[OutputRelay]) -> None:
         """Drain receive-pack's output so it can finish cleanly; cut a reader's."""
@@ -422,7 +423,7 @@ class GitProcessPipe:
             self._proc.stdout.close()
         elif not self._draining:
             self._draining = True
-            IOLoop.current().spawn_callback(self._discard_stdout, relay)
+            self._loop.spawn_callback(self._discard_stdout, relay)
 
     async def _discard_stdout(self, relay: Optional[OutputRelay]) -> None:
         if relay is not None:
@@ -446,4 +447,4 @@ class GitProcessPipe:
         except ProcessLookupError:
             return
         if signum == signal.SIGTERM:
-            IOLoop.current().call_later(KILL_GRACE, self._escalate, signal.SIGKILL)
+            self._loop.call_later(KILL_GRACE, self._escalate, signal.SIGKILL)

@@ -68,6 +68,8 @@ class OutputRelay:
         except OSError:
             capacity = 0
         self._may_pause = capacity >= COALESCE_PIPE_SIZE
+        self._hung_up = select.poll()  # tells whether git has closed its end of the pipe
+        self._hung_up.register(source.fileno(), select.POLLHUP)
 
     async def wait_output(self) -> int:
         """Wait for git's next output; return its length (0: git's output has ended)."""
@@ -114,9 +116,7 @@ class OutputRelay:
     async def _coalesce(self) -> None:
         """Give git a moment to write more, when it sent only a little last time and still writes."""
         if self._may_pause and 0 < self._last_length < CHUNK_SIZE // 2:
-            hung_up = select.poll()
-            hung_up.register(self._source.fileno(), select.POLLHUP)
-            if not hung_up.poll(0):  # git has not closed its end: more output is coming
+            if not self._hung_up.poll(0):  # git has not closed its end: more output is coming
                 await asyncio.sleep(COALESCE_DELAY)
 
     def _read_into(self, buffer: _ChunkBuffer) -> Future[int]:
