@@ -8,29 +8,18 @@ Public API for embedding::
 
 __version__ = "0.1.0"
 
-from .access import (  # noqa: E402
-    AccessPolicy,
-    AuthenticationFailed,
-    FailureThrottle,
-    IniPolicy,
-    OpenPolicy,
-    Permission,
-    ReadOnlyPolicy,
-)
-from .handlers import (  # noqa: E402
-    GitBackend,
-    HealthHandler,
-    InfoRefsHandler,
-    MetricsHandler,
-    PackListHandler,
-    RepositoryFileHandler,
-    ServiceHandler,
-)
-from .http1 import HardenedHTTPServer  # noqa: E402
+from .access import AccessPolicy, AuthenticationFailed, OpenPolicy, ReadOnlyPolicy  # noqa: E402
+from .backend import GitBackend  # noqa: E402
+from .dumb import PackListHandler, RepositoryFileHandler  # noqa: E402
+from .handlers import InfoRefsHandler, ServiceHandler  # noqa: E402
+from .httpserver import HardenedHTTPServer  # noqa: E402
+from .inipolicy import FailureThrottle, IniPolicy  # noqa: E402
 from .observe import Metrics, RequestObserver  # noqa: E402
-from .pipe import GitProcesses  # noqa: E402
+from .permission import Permission  # noqa: E402
+from .process import GitProcesses  # noqa: E402
 from .repos import Repository, RepositoryRoot, resolve_repository  # noqa: E402
 from .routes import git_routes, routes_for  # noqa: E402
+from .status import HealthHandler, MetricsHandler  # noqa: E402
 
 __all__ = [
     "AccessPolicy",

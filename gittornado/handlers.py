@@ -7,93 +7,36 @@ Every handler follows the same path: :meth:`GitRequestMixin.open_repository`
 
 from __future__ import annotations
 
-import os
-import re
-from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 from weakref import WeakSet
 
 from tornado import httputil
 from tornado.concurrent import Future
 from tornado.escape import utf8
-from tornado.web import HTTPError, RequestHandler, StaticFileHandler, stream_request_body
+from tornado.web import HTTPError, RequestHandler, stream_request_body
 
-from .access import AccessDenied, AccessPolicy, Grant, Permission, ReadOnlyPolicy, check_access
-from .adverts import AdvertisementCache, Recording
+from .access import AccessDenied, Grant, check_access
+from .adverts import Recording
+from .backend import GitBackend, git_protocol
 from .body import BodyDecoder
-from .observe import Metrics
-from .pipe import GitProcesses, GitProcessPipe
-from .repos import ConfigCache, GitConfig, Repository, config_bool
+from .permission import Permission
+from .pipe import GitProcessPipe
+from .repos import GitConfig, Repository, config_bool
 from .services import GET_ANY_FILE, SERVICES, UPLOAD_PACK
 from .util import maybe_await
 
-Lookup = Callable[[str], Union[Optional[Repository], Awaitable[Optional[Repository]]]]
-
-#: Never inherited from the server's environment: variables that would point git at
-#: another repository than the one named, and those set per request.
-_REPOSITORY_ENV = frozenset(
-    (
-        "GIT_DIR",
-        "GIT_WORK_TREE",
-        "GIT_INDEX_FILE",
-        "GIT_OBJECT_DIRECTORY",
-        "GIT_ALTERNATE_OBJECT_DIRECTORIES",
-        "GIT_COMMON_DIR",
-        "GIT_NAMESPACE",
-        "GIT_PROTOCOL",
-        "REMOTE_USER",
-    )
-)
-
-#: A well-formed Git-Protocol header: colon-separated ``key`` or ``key=value``.
-_GIT_PROTOCOL = re.compile(r"[A-Za-z0-9._-]+(=[A-Za-z0-9._-]*)?(:[A-Za-z0-9._-]+(=[A-Za-z0-9._-]*)?)*")
-
-#: Cache headers for files that change (refs, HEAD, pack lists), as git http-backend sends.
-_NO_CACHE = {
+#: Cache headers for answers that change (refs, HEAD, pack lists, RPC results), as git http-backend sends.
+NO_CACHE = {
     "Expires": "Fri, 01 Jan 1980 00:00:00 GMT",
     "Pragma": "no-cache",
     "Cache-Control": "no-cache, max-age=0, must-revalidate",
 }
 #: Cache headers for content-addressed files (objects and packs), which never change.
-_FOREVER = {"Cache-Control": "public, max-age=31536000, immutable"}
+FOREVER = {"Cache-Control": "public, max-age=31536000, immutable"}
 
 _FOR_EACH_REF_FORMAT = (
     "%(objectname)%09%(refname)%(if)%(*objectname)%(then)%0a%(*objectname)%09%(refname)^{}%(end)"
 )
-
-
-@dataclass
-class GitBackend:
-    """Everything the handlers of one application share.
-
-    ``lookup`` maps a repository name from the URL to a
-    :class:`~gittornado.repos.Repository` (or ``None``); ``policy`` decides
-    access; ``max_body_size`` caps request bodies (``None``: unlimited);
-    ``idle_timeout`` ends a transfer in which no byte moved either way for that
-    many seconds (``None``: never); ``processes`` holds the running git
-    processes and their cap; ``metrics``, when set, is served at ``/metrics``;
-    ``adverts`` replays unchanged upload-pack advertisements (by default an
-    :class:`~gittornado.adverts.AdvertisementCache` over ``base_env``).
-    """
-
-    lookup: Lookup
-    policy: AccessPolicy = field(default_factory=ReadOnlyPolicy)
-    max_body_size: Optional[int] = None
-    idle_timeout: Optional[float] = None
-    metrics: Optional[Metrics] = None
-    git: str = "git"
-    configs: ConfigCache = field(default_factory=ConfigCache)
-    adverts: Optional[AdvertisementCache] = None
-    processes: GitProcesses = field(default_factory=GitProcesses)
-    base_env: Dict[str, str] = field(
-        default_factory=lambda: {k: v for k, v in os.environ.items() if k not in _REPOSITORY_ENV}
-    )
-    #: The requests in progress (a shutdown lets them finish); weak, so none is kept alive by it.
-    requests: WeakSet[RequestHandler] = field(default_factory=WeakSet)
-
-    def __post_init__(self) -> None:
-        if self.adverts is None:  # it watches the global config files of the environment git runs in
-            self.adverts = AdvertisementCache(self.base_env)
 
 
 def pkt_line(text: str) -> bytes:
@@ -187,7 +130,7 @@ class GitRequestMixin:
         if status_code == 405:
             handler.set_header("Allow", ", ".join(handler.SUPPORTED_METHODS))
         handler.set_header("Content-Type", "text/plain; charset=utf-8")
-        for name, value in _NO_CACHE.items():
+        for name, value in NO_CACHE.items():
             handler.set_header(name, value)
         handler.finish(f"{status_code} {handler._reason}\n")
 
@@ -214,19 +157,8 @@ class GitHandler(GitRequestMixin, RequestHandler):
         ``defaults`` become ``-c key=value`` options unless ``config`` (the
         repository's own) already sets the key.
         """
-        env = dict(self.backend.base_env)
-        address = self.request.remote_ip or "unknown"
-        user = grant.user
-        env["REMOTE_ADDR"] = address
-        if user:
-            env["REMOTE_USER"] = user
-        env.setdefault("GIT_COMMITTER_NAME", user or "anonymous")
-        env.setdefault("GIT_COMMITTER_EMAIL", f"{user or 'anonymous'}@http.{address}")
-        protocol = self.request.headers.get("Git-Protocol")
-        if protocol is not None:
-            if len(protocol) > 256 or not _GIT_PROTOCOL.fullmatch(protocol):
-                raise HTTPError(400, reason="Malformed Git-Protocol header")
-            env["GIT_PROTOCOL"] = protocol
+        protocol = git_protocol(self.request.headers.get("Git-Protocol"))
+        env = self.backend.git_environment(repo, grant.user, self.request.remote_ip, protocol)
         argv = [self.backend.git]
         for key, value in (defaults or {}).items():
             if config is None or key not in config:
@@ -253,7 +185,7 @@ class GitHandler(GitRequestMixin, RequestHandler):
         super().on_connection_close()
 
     def set_no_cache(self) -> None:
-        for name, value in _NO_CACHE.items():
+        for name, value in NO_CACHE.items():
             self.set_header(name, value)
 
 
@@ -379,110 +311,6 @@ class ServiceHandler(GitHandler):
         self.send_error(error.status_code, reason=error.reason)
 
 
-class PackListHandler(GitHandler):
-    """``GET <repo>/objects/info/packs``, generated from the pack directory."""
-
-    SUPPORTED_METHODS = ("GET",)
-
-    async def get(self, name: str) -> None:
-        repo, _ = await self.open_repository(name, Permission.READ)
-        await self.require_switch(repo, GET_ANY_FILE)
-        self.service_label = "dumb"
-        try:
-            names = sorted(
-                entry.name
-                for entry in os.scandir(os.path.join(repo.path, "objects", "pack"))
-                if entry.name.startswith("pack-") and entry.name.endswith(".pack")
-            )
-        except FileNotFoundError:
-            names = []
-        self.set_no_cache()
-        self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.finish("".join(f"P {n}\n" for n in names) + "\n")
-
-
-class RepositoryFileHandler(GitRequestMixin, StaticFileHandler):
-    """The dumb protocol's files, streamed from disk with Range support.
-
-    The URL table lets through only ``HEAD``, ``objects/info/*alternates``,
-    loose objects and pack files, so nothing else in a repository (config,
-    hooks) is ever reachable.
-    """
-
-    SUPPORTED_METHODS = ("GET", "HEAD")
-
-    def initialize(self, backend: GitBackend) -> None:  # type: ignore[override]
-        super().initialize(backend)
-        self.root = ""
-        self.default_filename = None
-
-    async def get(self, name: str, path: str, include_body: bool = True) -> None:  # type: ignore[override]
-        repo, _ = await self.open_repository(name, Permission.READ)
-        await self.require_switch(repo, GET_ANY_FILE)
-        self.service_label = "dumb"
-        self.root = repo.path
-        await super().get(path, include_body)
-
-    async def head(self, name: str, path: str) -> None:  # type: ignore[override]
-        await self.get(name, path, include_body=False)
-
-    def validate_absolute_path(self, root: str, absolute_path: str) -> Optional[str]:
-        # Resolve symlinks first, so a link inside the repository cannot lead out.
-        return super().validate_absolute_path(root, os.path.realpath(absolute_path))
-
-    def _immutable(self) -> bool:
-        return self.path.startswith("objects/") and not self.path.startswith("objects/info/")
-
-    def compute_etag(self) -> Optional[str]:
-        # Object and pack names are content hashes: the name is the version.
-        # (The default would hash the whole file, which for a pack is gigabytes.)
-        return f'"{os.path.basename(self.path)}"' if self._immutable() else None
-
-    def get_content_type(self) -> str:
-        if self.path.endswith(".pack"):
-            return "application/x-git-packed-objects"
-        if self.path.endswith(".idx"):
-            return "application/x-git-packed-objects-toc"
-        if self._immutable():
-            return "application/x-git-loose-object"
-        return "text/plain; charset=utf-8"
-
-    def get_cache_time(self, path: str, modified: Any, mime_type: str) -> int:
-        return 0
-
-    def set_extra_headers(self, path: str) -> None:
-        for header, value in (_FOREVER if self._immutable() else _NO_CACHE).items():
-            self.set_header(header, value)
-
-
-class HealthHandler(RequestHandler):
-    """``GET /healthz`` for load balancers: answers while the server is serving."""
-
-    SUPPORTED_METHODS = ("GET", "HEAD")
-
-    def get(self) -> None:
-        self.set_header("Content-Type", "text/plain; charset=utf-8")
-        self.set_header("Cache-Control", "no-cache")
-        self.finish("ok\n")
-
-    def head(self) -> None:
-        self.get()
-
-
-class MetricsHandler(RequestHandler):
-    """``GET /metrics``: Prometheus text format, no authentication, no repository names."""
-
-    SUPPORTED_METHODS = ("GET",)
-
-    def initialize(self, backend: GitBackend) -> None:
-        self.metrics = backend.metrics
-
-    def get(self) -> None:
-        assert self.metrics is not None
-        self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.finish(self.metrics.exposition())
-
-
 class NotFoundHandler(GitRequestMixin, RequestHandler):
     """Plain-text 404 for every URL outside the git routes."""
 
@@ -491,3 +319,20 @@ class NotFoundHandler(GitRequestMixin, RequestHandler):
 
     def prepare(self) -> None:
         raise HTTPError(404, reason="Not found")
+
+
+#: Handlers that moved to :mod:`gittornado.dumb` and :mod:`gittornado.status`, still importable from here.
+_MOVED = {
+    "PackListHandler": "dumb",
+    "RepositoryFileHandler": "dumb",
+    "HealthHandler": "status",
+    "MetricsHandler": "status",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED:
+        import importlib
+
+        return getattr(importlib.import_module(f"gittornado.{_MOVED[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

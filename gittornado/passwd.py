@@ -16,21 +16,12 @@ import sys
 import tempfile
 from typing import List, Optional, TextIO
 
-from passlib.hash import bcrypt
-
-from .access import BCRYPT_MAX_BYTES, AccessFileError, parse_access_file, split_ini_lines, valid_user_name
-
-#: bcrypt work factor: about a quarter of a second per check on current hardware.
-DEFAULT_COST = 12
+from .passwords import BCRYPT_MAX_BYTES, DEFAULT_COST, hash_password, hash_scheme
+from .usersfile import AccessFileError, parse_access_file, split_ini_lines, valid_user_name
 
 
 class PasswdError(Exception):
     """Why the command changed nothing; printed as the command's error message."""
-
-
-def hash_password(password: str, cost: int = DEFAULT_COST) -> str:
-    """A bcrypt hash in the ``$2y$`` form that htpasswd -B writes."""
-    return bcrypt.using(ident="2y", rounds=cost).hash(password)
 
 
 def set_user(text: str, user: str, hashed: str) -> str:
@@ -175,7 +166,7 @@ def run(args: argparse.Namespace, stdin: TextIO) -> str:
         text = set_user(text, args.user, hash_password(read_password(stdin), args.cost))
         message = f"{'Updated' if exists else 'Added'} password for user {args.user}"
     try:
-        parse_access_file(text, args.file)
+        parse_access_file(text, args.file, hash_scheme)
     except AccessFileError as error:
         raise PasswdError(f"not changed, the file would not load: {error}") from None
     try:

@@ -13,7 +13,7 @@ import functools
 import os
 import subprocess
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Mapping, Optional, Tuple
 
 #: Longest repository name accepted; longer names cannot be repositories anyway.
 MAX_NAME_LENGTH = 1024
@@ -115,8 +115,9 @@ class ConfigCache:
     repository costs one ``stat`` per request, not a process.
     """
 
-    def __init__(self, git: str = "git") -> None:
+    def __init__(self, git: str = "git", env: Optional[Mapping[str, str]] = None) -> None:
         self._git = git
+        self._env = dict(env) if env is not None else None
         self._entries: Dict[str, Tuple[Tuple[int, int, int], GitConfig]] = {}
 
     async def get(self, repository: Repository) -> GitConfig:
@@ -141,6 +142,7 @@ class ConfigCache:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            env=self._env,
         )
         output = (await asyncio.get_running_loop().run_in_executor(None, run)).stdout
         config: GitConfig = {}

@@ -14,17 +14,11 @@ from tornado.routing import Rule
 from tornado.web import URLSpec
 
 from .access import AccessPolicy, ReadOnlyPolicy
-from .handlers import (
-    GitBackend,
-    HealthHandler,
-    InfoRefsHandler,
-    Lookup,
-    MetricsHandler,
-    PackListHandler,
-    RepositoryFileHandler,
-    ServiceHandler,
-)
+from .backend import GitBackend, Lookup
+from .dumb import PackListHandler, RepositoryFileHandler
+from .handlers import InfoRefsHandler, ServiceHandler
 from .repos import RepositoryRoot
+from .status import HealthHandler, MetricsHandler
 
 _HEX = "[0-9a-f]"
 _LOOSE_OBJECT = rf"objects/{_HEX}{{2}}/(?:{_HEX}{{38}}|{_HEX}{{62}})"  # SHA-1 or SHA-256

@@ -27,10 +27,11 @@ from tornado.web import Application
 
 from . import __version__
 from .access import AccessPolicy, ReadOnlyPolicy
-from .handlers import GitBackend, NotFoundHandler
-from .http1 import HardenedHTTPServer
+from .backend import GitBackend
+from .handlers import NotFoundHandler
+from .httpserver import HardenedHTTPServer
 from .observe import Metrics, RequestObserver
-from .pipe import GitProcesses
+from .process import GitProcesses
 from .relay import CHUNK_SIZE as PIPE_CHUNK
 from .repos import RepositoryRoot
 from .routes import routes_for
@@ -170,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
 def load_policy(args: argparse.Namespace) -> AccessPolicy:
     """The access policy the options ask for."""
     if args.accessfile:
-        from .access import AccessFileError, IniPolicy
+        from .inipolicy import IniPolicy
+        from .usersfile import AccessFileError
 
         try:
             return IniPolicy(args.accessfile, realm=args.realm)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Tuple
 
-from .access import Permission
+from .permission import Permission
 
 
 @dataclass(frozen=True)

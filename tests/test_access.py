@@ -473,16 +473,16 @@ async def test_other_schemes_are_anonymous(repositories: Path, server_url: str) 
 async def test_one_verification_per_clone_and_fetch(
     git: GitClient, repo: Path, server_url: str, access_file: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    import gittornado.access
+    import gittornado.inipolicy
 
     calls: List[str] = []
-    real = gittornado.access.verify_password
+    real = gittornado.inipolicy.verify_password
 
     def counting(password: bytes, hashed: str) -> bool:
         calls.append(hashed)
         return real(password, hashed)
 
-    monkeypatch.setattr(gittornado.access, "verify_password", counting)
+    monkeypatch.setattr(gittornado.inipolicy, "verify_password", counting)
     url = with_credentials(f"{server_url}/proj.git", "alice", CREDENTIALS["alice"])
     clone = tmp_path / "clone"
     await git.run("clone", "-q", url, str(clone))

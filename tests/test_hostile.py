@@ -3,7 +3,7 @@
 Each case goes over a raw socket, so what is tested is what really goes on
 the wire.  Some never reach a handler (broken framing, broken header lines,
 oversized heads): HardenedHTTPServer answers those in Tornado's place, and
-these tests pin down the Tornado behaviours it relies on (gittornado/http1.py).
+these tests pin down the Tornado behaviours it relies on (gittornado/httpserver.py).
 After every case the same checks run: no git process is left, no temporary
 file, the repository is unchanged and fsck-clean, and a real git client is
 served normally.
@@ -29,7 +29,7 @@ from tornado.web import Application, RequestHandler, stream_request_body
 
 from gittornado import GitBackend, HardenedHTTPServer, RepositoryRoot
 from gittornado.access import AccessPolicy
-from gittornado.http1 import FramingLogFilter
+from gittornado.httpserver import FramingLogFilter
 
 #: The server's --max-body-size in this module: Target.push fits under it, Target.big_push does not.
 LIMIT = 64 * 1024
@@ -172,7 +172,7 @@ def assert_plain_answer(raw: bytes, status: int, words: str) -> None:
 SECRET = b"YWxpY2U6czNjcmV0"
 
 #: Requests no handler sees, refused by HardenedHTTPServer in place of Tornado's bare 400 (see
-#: gittornado/http1.py): (request builder, words the plain-text reason has).
+#: gittornado/httpserver.py): (request builder, words the plain-text reason has).
 BROKEN_FRAMING = {
     "chunk-size-not-hex": (
         lambda t: raw_post(
@@ -273,7 +273,7 @@ async def test_broken_framing_is_a_400_with_the_reason(
     raw, ended = await exchange(http_port, request)
     assert ended != "hung"
     assert_plain_answer(raw, 400, words)
-    # Our own words, never the request's (gittornado/http1.py REASONS).
+    # Our own words, never the request's (gittornado/httpserver.py REASONS).
     assert request.split(b"\r\n")[0] not in raw and SECRET not in raw, raw
     await unharmed()
 

@@ -1,0 +1,60 @@
+"""Password hashes in the formats htpasswd writes: recognizing, verifying, making.
+
+The one module that imports the hashing library (passlib, as its maintained
+fork libpass), shared by the access policy and ``gittornado-passwd``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from passlib.context import CryptContext
+from passlib.hash import bcrypt
+
+#: The hash formats htpasswd writes that are still worth accepting, verified by
+#: passlib (libpass): bcrypt ($2y$, htpasswd -B; what gittornado-passwd writes),
+#: Apache MD5 ($apr1$, htpasswd's default), SHA-1 ({SHA}, htpasswd -s) and
+#: SHA-256/512 crypt ($5$/$6$, htpasswd -2/-5).  Plain text, DES crypt and
+#: anything else is refused when the file is loaded.
+PASSWORD_HASHES = CryptContext(
+    schemes=["bcrypt", "apr_md5_crypt", "sha512_crypt", "sha256_crypt", "ldap_sha1"]
+)
+
+#: bcrypt reads only the first 72 bytes of a password; htpasswd and Apache cut there too.
+BCRYPT_MAX_BYTES = 72
+
+
+def verify_password(password: bytes, hashed: str) -> bool:
+    """Check ``password`` against one users.ini hash, in constant time.
+
+    Slow by design (bcrypt): call it off the event loop.  Any error (an
+    oversized password, say) is a failed check, never an exception that could
+    carry the password somewhere.
+    """
+    if PASSWORD_HASHES.identify(hashed) == "bcrypt":
+        password = password[:BCRYPT_MAX_BYTES]
+    try:
+        return bool(PASSWORD_HASHES.verify(password, hashed))
+    except (ValueError, TypeError):
+        return False
+
+
+def hash_scheme(hashed: str) -> Optional[str]:
+    """The accepted scheme ``hashed`` is in, or None; ValueError (naming the scheme) if malformed."""
+    scheme = PASSWORD_HASHES.identify(hashed)
+    if scheme is None:
+        return None
+    try:
+        PASSWORD_HASHES.handler(scheme).from_string(hashed)
+    except ValueError:
+        raise ValueError(scheme) from None
+    return scheme
+
+
+#: bcrypt work factor of new hashes: about a quarter of a second per check on current hardware.
+DEFAULT_COST = 12
+
+
+def hash_password(password: str, cost: int = DEFAULT_COST) -> str:
+    """A bcrypt hash in the ``$2y$`` form that htpasswd -B writes."""
+    return bcrypt.using(ident="2y", rounds=cost).hash(password)
