@@ -38,6 +38,7 @@ from .workloads import (
     fetch_request,
     git_clone,
     git_push,
+    haves_request,
     info_refs_rps,
     latency_under_clones,
     median,
@@ -144,8 +145,23 @@ def check_tools() -> None:
         raise SystemExit(f"benchmarks: missing programs: {', '.join(missing)} (see .ci/run)")
 
 
-def make_workloads(profile: Profile, home: Path, scratch: Path, log: Callable[[str], None]) -> List[Workload]:
-    """Build the repositories and the request bodies, and describe every workload."""
+#: Common ``have`` lines in the negotiation workloads (a client sends up to 16,384 per round; several
+#: rounds' worth arrive together when the client's http.postBuffer is large).
+HAVES = 40000
+
+
+def make_workloads(
+    profile: Profile,
+    home: Path,
+    scratch: Path,
+    log: Callable[[str], None],
+    small_pipes: Optional[Target] = None,
+) -> List[Workload]:
+    """Build the repositories and the request bodies, and describe every workload.
+
+    ``small_pipes`` is a gittornado whose git pipes are the kernel's default 64 KiB, which stands in
+    for gittornado in the rows that say so.
+    """
     env = git_env(home)
     history = build(profile.history, home, log)
     small = build(profile.small_blob, home, log)
@@ -175,6 +191,17 @@ def make_workloads(profile: Profile, home: Path, scratch: Path, log: Callable[[s
         return lambda t: git_push(t, source, REPOS, f"{t.name}-{next(counter)}", env)
 
     hist_body, hist_size = requests[history]
+    haves_body = scratch / "haves.request"
+    haves_body.write_bytes(haves_request(history, env, HAVES))
+    haves_size = response_size(history, haves_body, env, protocol="")
+
+    def negotiation(pipes: Optional[Target]) -> Callable[[Target], Measurement]:
+        def run(t: Target) -> Measurement:
+            server = pipes if pipes is not None and t.name == "gittornado" else on(t)
+            return replay(server, history, haves_body, haves_size, protocol="")
+
+        return run
+
     return [
         # Small before big: the memory target compares them, and a server that
         # grew during the big one must not make the small one look alike.
@@ -216,6 +243,20 @@ def make_workloads(profile: Profile, home: Path, scratch: Path, log: Callable[[s
             "s",
             ALL_TARGETS,
             clone_transfer(history, parallel=16),
+        ),
+        Workload(
+            "haves-40k",
+            f"v0 fetch round with {HAVES:,} common haves",
+            "s",
+            ALL_TARGETS,
+            negotiation(None),
+        ),
+        Workload(
+            "haves-40k-64k",
+            f"v0 fetch round with {HAVES:,} common haves, 64 KiB pipes",
+            "s",
+            ALL_TARGETS,
+            negotiation(small_pipes),
         ),
         Workload(
             "latency-8",
@@ -277,6 +318,10 @@ def checks(workloads: Dict[str, Workload]) -> List[Check]:
     at_most(
         "info/refs p99 while 8 clones stream <= 50 ms", workloads["latency-8"].value("gittornado"), 50, " ms"
     )
+    for key in ("haves-40k", "haves-40k-64k"):
+        label = workloads[key].label
+        at_most(f"{label} <= 1.5x plain upload-pack", ratio(workloads[key], "upload-pack"), 1.5)
+        at_most(f"{label} <= 1.0x http-backend", ratio(workloads[key], "http-backend"), 1.0)
     return found
 
 
@@ -403,14 +448,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         GittornadoServer(REPOS, env, temp_dir("bench-gittornado-")),
         HttpBackendServer(REPOS, env, temp_dir("bench-http-backend-")),
     ]
+    small_pipes = GittornadoServer(REPOS, env, temp_dir("bench-gittornado-64k-"), small_pipes=True)
     try:
-        workloads = make_workloads(profile, home, scratch, log)
+        workloads = make_workloads(profile, home, scratch, log, small_pipes)
         if args.only:
             unknown = set(args.only) - {w.key for w in workloads}
             if unknown:
                 raise SystemExit(f"unknown workloads: {', '.join(sorted(unknown))}")
             workloads = [w for w in workloads if w.key in args.only]
-        for server in servers:
+        for server in [*servers, small_pipes]:
             server.start()
             log(f"{server.name}: {server.command} at {server.url}")
         targets: Dict[str, Target] = {s.name: s for s in servers}
@@ -427,7 +473,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         f"{measurement.memory.tree_peak / MIB:.1f} MiB"
                     )
     finally:
-        for server in servers:
+        for server in [*servers, small_pipes]:
             server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(REPOS / "push", ignore_errors=True)

@@ -18,6 +18,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,15 +61,23 @@ def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
             proc.wait()
 
 
+#: Starts the gittornado command with git's pipes at the kernel's default size, 64 KiB.
+SMALL_PIPES = (
+    "import sys, gittornado.process as p; p.STDOUT_PIPE_SIZE = p.STDIN_PIPE_SIZE = 65536; "
+    "from gittornado.server import main; sys.argv[0] = 'gittornado'; main()"
+)
+
+
 class GittornadoServer:
     """gittornado serving ``root`` on a free loopback port."""
 
     name = "gittornado"
 
-    def __init__(self, root: Path, env: Dict[str, str], tmp: Path) -> None:
+    def __init__(self, root: Path, env: Dict[str, str], tmp: Path, small_pipes: bool = False) -> None:
         self.root = root
         self.env = env
         self.tmp = tmp
+        self.small_pipes = small_pipes
         self.proc: Optional[subprocess.Popen] = None
         self.url = ""
         self.command = ""
@@ -78,8 +87,12 @@ class GittornadoServer:
         access = self.tmp / "users.ini"
         access.write_text("[users]\n[access]\n* = *=rw\n")
         argv = ["gittornado", "--port", "0", "--address", "127.0.0.1", "--gitbase", str(self.root)]
+        if self.small_pipes:  # as where the kernel refuses larger pipes (a user holding many)
+            argv = [sys.executable, "-c", SMALL_PIPES, *argv[1:]]
         argv += ["--accessfile", str(access)]
         self.command = "gittornado --accessfile (everyone rw)"
+        if self.small_pipes:
+            self.command += ", 64 KiB pipes"
         log = open(self.tmp / "gittornado.log", "wb")
         self.proc = subprocess.Popen(
             argv,

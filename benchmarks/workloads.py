@@ -68,6 +68,21 @@ def fetch_request(repo: Path, env: Dict[str, str]) -> bytes:
     return body + pkt("done\n") + b"0000"
 
 
+def haves_request(repo: Path, env: Dict[str, str], haves: int) -> bytes:
+    """A protocol-v0 negotiation round with ``haves`` common ``have`` lines (commits repeat if too few).
+
+    upload-pack answers ``ACK <oid> common`` for each while it is still
+    reading the rest: a server must read git's output while it feeds its input.
+    """
+    commits = subprocess.run(
+        ["git", "-C", str(repo), "rev-list", "--all"], env=env, check=True, capture_output=True, text=True
+    ).stdout.split()
+    head = commits[0]
+    body = pkt(f"want {head} multi_ack_detailed side-band-64k thin-pack ofs-delta no-progress\n") + b"0000"
+    body += b"".join(pkt(f"have {commits[i % len(commits)]}\n") for i in range(haves))
+    return body + b"0000"
+
+
 class PlainUploadPack:
     """``git upload-pack --stateless-rpc`` on the request, output to /dev/null (no server)."""
 
@@ -75,25 +90,28 @@ class PlainUploadPack:
     url = ""
 
     def __init__(self, env: Dict[str, str]) -> None:
-        self.env = {**env, "GIT_PROTOCOL": "version=2"}
+        self.env = env
         self._pids: List[int] = []
 
     def classify(self, table: ProcessTable) -> Tuple[Set[int], Set[int]]:
         """No server of its own; the tree is git's processes."""
         return descendants(self._pids, table), set()
 
-    def run(self, repo: Path, request: Path, stdout: int = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    def run(
+        self, repo: Path, request: Path, stdout: int = subprocess.DEVNULL, protocol: str = "version=2"
+    ) -> subprocess.Popen[bytes]:
+        env = {**self.env, "GIT_PROTOCOL": protocol} if protocol else self.env
         with open(request, "rb") as body:
             proc = subprocess.Popen(
-                ["git", "upload-pack", "--stateless-rpc", str(repo)], stdin=body, stdout=stdout, env=self.env
+                ["git", "upload-pack", "--stateless-rpc", str(repo)], stdin=body, stdout=stdout, env=env
             )
         self._pids[:] = [proc.pid]
         return proc
 
 
-def response_size(repo: Path, request: Path, env: Dict[str, str]) -> int:
+def response_size(repo: Path, request: Path, env: Dict[str, str], protocol: str = "version=2") -> int:
     """Bytes plain upload-pack answers ``request`` with (also warms the page cache)."""
-    proc = PlainUploadPack(env).run(repo, request, stdout=subprocess.PIPE)
+    proc = PlainUploadPack(env).run(repo, request, stdout=subprocess.PIPE, protocol=protocol)
     assert proc.stdout is not None
     size = 0
     while True:
@@ -106,7 +124,7 @@ def response_size(repo: Path, request: Path, env: Dict[str, str]) -> int:
     return size
 
 
-def curl_replay(url: str, request: Path) -> subprocess.Popen[str]:
+def curl_replay(url: str, request: Path, protocol: str = "version=2") -> subprocess.Popen[str]:
     """POST ``request`` to ``url`` as a git client would, discarding the answer."""
     return subprocess.Popen(
         [
@@ -122,7 +140,7 @@ def curl_replay(url: str, request: Path) -> subprocess.Popen[str]:
             "--header",
             "Accept: application/x-git-upload-pack-result",
             "--header",
-            "Git-Protocol: version=2",
+            f"Git-Protocol: {protocol}" if protocol else "X-Git-Protocol: none",
             "--data-binary",
             f"@{request}",
             url,
@@ -153,12 +171,14 @@ def timed(target: Target, action: Callable[[], Dict[str, float]]) -> Measurement
     return Measurement(elapsed, trace, extra)
 
 
-def replay(target: Target, repo: Path, request: Path, expected: int, parallel: int = 1) -> Measurement:
+def replay(
+    target: Target, repo: Path, request: Path, expected: int, parallel: int = 1, protocol: str = "version=2"
+) -> Measurement:
     """Replay one upload-pack request (``parallel`` at once) and time until every answer is in."""
     if isinstance(target, PlainUploadPack):
 
         def action() -> Dict[str, float]:
-            procs = [target.run(repo, request) for _ in range(parallel)]
+            procs = [target.run(repo, request, protocol=protocol) for _ in range(parallel)]
             if any(p.wait() != 0 for p in procs):
                 raise BenchmarkError("git upload-pack failed")
             return {}
@@ -167,7 +187,7 @@ def replay(target: Target, repo: Path, request: Path, expected: int, parallel: i
         url = f"{target.url}/{repo.name}/git-upload-pack"
 
         def action() -> Dict[str, float]:
-            procs = [curl_replay(url, request) for _ in range(parallel)]
+            procs = [curl_replay(url, request, protocol) for _ in range(parallel)]
             for proc in procs:
                 check_replay(proc, expected)
             return {}

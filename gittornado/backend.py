@@ -40,8 +40,10 @@ REPOSITORY_ENV = frozenset(
     )
 )
 
-#: A well-formed Git-Protocol header: colon-separated ``key`` or ``key=value``.
-_GIT_PROTOCOL = re.compile(r"[A-Za-z0-9._-]+(=[A-Za-z0-9._-]*)?(:[A-Za-z0-9._-]+(=[A-Za-z0-9._-]*)?)*")
+#: A Git-Protocol header as gitprotocol-http allows it: colon-separated ``key`` or ``key=value`` items
+#: (git itself ignores what it does not know), in printable ASCII.
+_ITEM = r"[A-Za-z0-9._-]+(=[\x20-\x39\x3b-\x7e]*)?"  # a key, then a value without ":"
+_GIT_PROTOCOL = re.compile(rf"{_ITEM}(:{_ITEM})*")
 
 #: Default cap on an upload-pack request body, decoded (see :attr:`GitBackend.max_fetch_body_size`).
 MAX_FETCH_BODY_SIZE = 64 * 1024 * 1024
@@ -55,8 +57,10 @@ def server_environment() -> Dict[str, str]:
 def git_protocol(header: Optional[str]) -> Optional[str]:
     """The ``Git-Protocol`` header as git may read it from ``GIT_PROTOCOL``, or 400.
 
-    It is a colon-separated list of ``key`` and ``key=value``; nothing else
-    may reach git's environment.
+    It is a colon-separated list of ``key`` and ``key=value``
+    (``version=2:agent=git/2.47``); values are printable ASCII, at most 256
+    bytes in all.  It reaches git as one environment variable, which no
+    value can break out of; anything else is refused.
     """
     if header is None:
         return None

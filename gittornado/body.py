@@ -3,7 +3,8 @@
 The decoder sits between the HTTP connection and git's stdin.  It never
 expands more than :data:`PIECE_SIZE` bytes at a time, so a small gzip bomb
 cannot balloon into memory: each piece is written to git (and awaited) before
-the next is decompressed.
+the next is decompressed, the handler yields to the event loop between
+pieces, and stops decoding once git no longer reads.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Iterator, Optional
 
 from tornado.web import HTTPError
 
+from .sizes import CHUNK_SIZE
+
 #: Most bytes produced from one decompression step.
-PIECE_SIZE = 256 * 1024
+PIECE_SIZE = CHUNK_SIZE
 
 
 class BodyDecoder:

@@ -32,10 +32,11 @@ import select
 from typing import Optional
 
 from tornado.concurrent import Future
-from tornado.iostream import IOStream, PipeIOStream, StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 
-#: The most bytes sent as one chunk.
-CHUNK_SIZE = 256 * 1024
+from .pipe import GitOutput
+from .sizes import CHUNK_SIZE, STDOUT_PIPE_SIZE
+
 #: The buffer of an answer's first read: most answers (ref advertisements, negotiation) fit, and only
 #: an answer that fills it gets two buffers of :data:`CHUNK_SIZE`.
 FIRST_READ_SIZE = 64 * 1024
@@ -43,17 +44,19 @@ FIRST_READ_SIZE = 64 * 1024
 #: sleeps in whole milliseconds; git writes up to about 800 KB in one, measured.)
 COALESCE_DELAY = 0.001
 #: The smallest pipe buffer that holds what git writes during such a pause.
-COALESCE_PIPE_SIZE = 1024 * 1024
+COALESCE_PIPE_SIZE = STDOUT_PIPE_SIZE
 
 
 class OutputRelay:
-    """Moves git's stdout (``source``) to an HTTP connection's ``stream``, one chunk at a time.
+    """Moves git's output (``source``) to an HTTP connection's ``stream``, one chunk at a time.
 
+    The handler drives it (:meth:`wait_output`, then :meth:`send`) after it
+    has sent the response's headers, and finishes the response itself.
     ``chunked`` frames each chunk for HTTP/1.1; without it the bytes go bare,
     as an HTTP/1.0 body that the connection's close delimits.
     """
 
-    def __init__(self, source: PipeIOStream, stream: IOStream, chunked: bool) -> None:
+    def __init__(self, source: GitOutput, stream: IOStream, chunked: bool) -> None:
         self._source = source
         self._stream = stream
         self._chunked = chunked
@@ -99,17 +102,8 @@ class OutputRelay:
             self._pending = self._read_into(self._buffers[self._current])
         await sent
 
-    async def settle(self) -> None:
-        """Wait until no read of git's stdout is in flight, so the stream may be read by others."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            try:
-                await pending
-            except StreamClosedError:
-                pass
-
     def close(self) -> None:
-        """The relay is done; a read still in flight may fail quietly (stdout is closed next)."""
+        """The relay is done; a read still in flight may fail quietly (the pipe ends it)."""
         if self._pending is not None:
             self._pending.add_done_callback(lambda read: read.cancelled() or read.exception())
 

@@ -27,17 +27,20 @@ from tornado.web import Application
 
 from . import __version__
 from .access import AccessPolicy, ReadOnlyPolicy
-from .backend import GitBackend
+from .backend import MAX_FETCH_BODY_SIZE, GitBackend
 from .handlers import NotFoundHandler
 from .httpserver import HardenedHTTPServer
 from .observe import Metrics, RequestObserver
 from .process import GitProcesses
-from .relay import CHUNK_SIZE as PIPE_CHUNK
 from .repos import RepositoryRoot
 from .routes import routes_for
+from .sizes import CHUNK_SIZE
 from .workers import FORWARDED, WorkerPool
 
 log = logging.getLogger("gittornado")
+
+#: The default cap on git processes: packing is CPU-bound, but most of a transfer's time is the network's.
+GIT_PROCESSES_PER_CPU = 8
 
 _SIZE = re.compile(r"(\d+)([KMG]?)B?", re.IGNORECASE)
 
@@ -96,7 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=parse_size,
         default=None,
         metavar="SIZE",
-        help="largest request body, e.g. 500M or 2G (default: unlimited)",
+        help="largest push request body, e.g. 500M or 2G (default: unlimited)",
+    )
+    parser.add_argument(
+        "--max-fetch-body-size",
+        type=parse_size,
+        default=MAX_FETCH_BODY_SIZE,
+        metavar="SIZE",
+        help="largest fetch (upload-pack) request body after gzip decoding; negotiation needs a few MiB "
+        f"(default: {MAX_FETCH_BODY_SIZE // 2**20}M)",
     )
     parser.add_argument(
         "--shutdown-grace",
@@ -142,15 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         metavar="SECONDS",
         help="close a connection whose request headers take longer than this, "
-        "including idle keep-alive connections (default: 60)",
+        "including idle keep-alive connections, and answer 408 to a request whose body has not "
+        "started this long after its headers (default: 60)",
     )
     parser.add_argument(
         "--max-git-processes",
         type=int,
-        default=None,
+        default=GIT_PROCESSES_PER_CPU * cpu_count(),
         metavar="N",
         help="run at most N git processes at once (per worker process); requests beyond wait "
-        "up to 10 seconds, then get 503 with Retry-After (default: no limit)",
+        f"up to 10 seconds, then get 503 with Retry-After (default: {GIT_PROCESSES_PER_CPU} per CPU, "
+        "here %(default)s)",
     )
     parser.add_argument(
         "--metrics",
@@ -233,7 +246,9 @@ async def serve(
         lookup=RepositoryRoot(os.path.realpath(args.gitbase)),
         policy=policy,
         max_body_size=args.max_body_size,
+        max_fetch_body_size=args.max_fetch_body_size,
         idle_timeout=args.idle_timeout or None,
+        body_timeout=args.header_timeout or None,
         processes=processes,
         metrics=Metrics(processes, metrics_dir) if args.metrics else None,
     )
@@ -243,7 +258,7 @@ async def serve(
         ssl_options=tls,
         idle_connection_timeout=args.header_timeout,
         # Read request bodies in pieces as large as git's read side of a pipe takes.
-        chunk_size=PIPE_CHUNK,
+        chunk_size=CHUNK_SIZE,
     )
     server.add_sockets(sockets)
 
@@ -266,7 +281,8 @@ async def serve(
     # Requests include dumb-protocol downloads, which run no git process.
     while (backend.requests or backend.processes.running) and loop.time() < deadline:
         await asyncio.sleep(0.1)
-    backend.processes.abort_all()
+    # Nothing of a push stuck in a hook may outlive the server: SIGTERM, SIGKILL, reaped.
+    await backend.processes.end_all()
     await asyncio.wait_for(server.close_all_connections(), timeout=5)
 
 
@@ -308,7 +324,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     root = os.path.realpath(args.gitbase)
     if not os.path.isdir(root):
         raise SystemExit(f"gittornado: --gitbase {args.gitbase}: not a directory")
-    if args.max_git_processes is not None and args.max_git_processes < 1:
+    if args.max_git_processes < 1:
         raise SystemExit("gittornado: --max-git-processes must be 1 or more")
     if args.processes < 0:
         raise SystemExit("gittornado: --processes must be 0 (one per CPU) or more")

@@ -88,9 +88,10 @@ async def test_spawned_server_serves_clone_and_refuses_push(
 
 @pytest.mark.gen_test(timeout=60)
 async def test_max_body_size(spawn_server, git: GitClient, repo: Path, gitbase: Path):
-    server = spawn_server("--gitbase", str(gitbase), "--max-body-size", "1K")
-    big = b"0032want " + b"1" * 40 + b"\n"
-    big = big * 40  # 2 KB of wants
+    server = spawn_server("--gitbase", str(gitbase), "--max-fetch-body-size", "1K", "--max-body-size", "1K")
+    head = git.sync("rev-parse", "main", cwd=repo).strip().encode()
+    big = b"0032want " + head + b"\n"
+    big = big * 40  # 2 KB of wants: git waits for more, so only the cap ends the request
     declared = await raw_http(server.port, upload_pack_post("proj.git", big))
     assert parse_response(declared)[0] == 413
     chunked = await raw_http(

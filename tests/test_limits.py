@@ -85,9 +85,9 @@ async def test_git_process_cap_queues_then_refuses_with_503(
 ):
     processes = GitProcesses(limit=1, queue_timeout=0.5)
     async with serving(open_backend(gitbase, processes=processes)) as port:
-        # One request holds the only slot: its git waits for a body that is not coming yet.
+        # One request holds the only slot: its git waits for the rest of a body that is not coming yet.
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(UPLOAD_HEADERS)
+        writer.write(UPLOAD_HEADERS + b"0032want ")
         await writer.drain()
         assert await wait_until(lambda: len(processes.running) == 1, timeout=5)
         refused = await raw_http(
