@@ -21,8 +21,8 @@ from .backend import GitBackend, git_protocol
 from .body import BodyDecoder
 from .permission import Permission
 from .pipe import GitProcessPipe
-from .repos import GitConfig, Repository, config_bool
-from .services import GET_ANY_FILE, SERVICES, UPLOAD_PACK
+from .repos import ConfigUnreadable, GitConfig, Repository
+from .services import GET_ANY_FILE, SERVICES, UPLOAD_PACK, Switch
 from .util import maybe_await
 
 #: Cache headers for answers that change (refs, HEAD, pack lists, RPC results), as git http-backend sends.
@@ -111,11 +111,20 @@ class GitRequestMixin:
             return done
         return super().finish(chunk)  # type: ignore[misc]
 
-    async def require_switch(self, repo: Repository, switch: str) -> GitConfig:
-        """Return the repository's config, or 403 when it turns ``switch`` off."""
-        config = await self.backend.configs.get(repo)
-        if not config_bool(config, switch, True):
-            raise HTTPError(403, reason=f"Disabled by {switch} in the repository's config")
+    async def require_switch(self, repo: Repository, switch: Switch) -> GitConfig:
+        """Return the repository's config, or 403 when ``switch`` is off for this request.
+
+        As in ``git http-backend``: the repository's config decides, else the
+        switch's default, which may depend on whether the request has a user
+        (call after :meth:`open_repository`).
+        """
+        try:
+            config = await self.backend.configs.get(repo)
+        except ConfigUnreadable:
+            raise HTTPError(500, reason="The repository's config cannot be read") from None
+        reason = switch.refusal(config, self.user, repo.name)
+        if reason is not None:
+            raise HTTPError(403, reason=reason)
         return config
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
