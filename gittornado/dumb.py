@@ -98,6 +98,7 @@ class RepositoryFileHandler(GitRequestMixin, StaticFileHandler):
         repo, _ = await self.open_repository(name, Permission.READ)
         await self.require_switch(repo, GET_ANY_FILE)
         self.service_label = "dumb"
+        self.path = path
         if path == ALTERNATES:
             self._send_alternates(repo, name)
             return
