@@ -121,12 +121,12 @@ def resolve_repository(root: str, name: str) -> Optional[Repository]:
         requested = os.path.join(root, candidate)
         directory = os.path.realpath(requested)
         symlinked = "" if directory == requested else f" (a symlink to {directory!r})"
-        if not _inside(root, directory):
-            if os.path.exists(directory):
+        git_dir = _git_dir_of(directory) if _inside(root, directory) else directory
+        if not _inside(root, git_dir):
+            if os.path.exists(git_dir):
                 log.debug("%r%s is not served: its real path is outside the root", candidate, symlinked)
             continue
-        git_dir = _git_dir_of(directory)
-        if not _inside(root, git_dir) or not _is_git_dir(git_dir):
+        if not _is_git_dir(git_dir):
             continue
         # A work tree is named by its top directory, not by its .git.
         home = os.path.dirname(git_dir) if os.path.basename(git_dir) == ".git" else git_dir

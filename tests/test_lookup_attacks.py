@@ -26,7 +26,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
 from gittornado import GitBackend, RepositoryRoot
 from gittornado.inipolicy import IniPolicy
-from gittornado.repos import parse_git_bool, resolve_repository
+from gittornado.repos import ConfigCache, parse_git_bool, resolve_repository
 
 PASSWORDS = {"mallory": "mallory-pw", "alice": "alice-pw"}
 ACCESS = """\
@@ -366,3 +366,22 @@ async def test_changes_to_global_and_included_config_are_noticed(
     assert await status(smart) == 200
     included.write_text("[http]\n\tuploadpack = off\n")
     assert await status(smart) == 403
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_hundred_requests_share_one_config_reading(
+    backend: GitBackend, repo: Path, base_url: str, tmp_path: Path
+):
+    readings = tmp_path / "readings"
+    counting_git = tmp_path / "counting-git"
+    count = f'case "$*" in *"config --list"*) echo >> {readings};; esac'
+    counting_git.write_text(f'#!/bin/sh\n{count}\nexec git "$@"\n')
+    counting_git.chmod(0o755)
+    backend.configs = ConfigCache(str(counting_git), backend.base_env)
+    await asyncio.sleep(1.1)  # the repository's files have settled: a reading may be kept
+    client = AsyncHTTPClient(max_clients=100)
+    answers = await asyncio.gather(
+        *(client.fetch(f"{base_url}/proj.git/info/refs?service=git-upload-pack") for _ in range(100))
+    )
+    assert {answer.code for answer in answers} == {200}
+    assert len(readings.read_text().splitlines()) == 1
