@@ -177,11 +177,10 @@ def parse_git_bool(value: Optional[str]) -> Optional[bool]:
     match = _C_INTEGER.fullmatch(value.lstrip(_C_SPACE))
     if match is None or match.group(3).lower() not in _UNITS:
         return None
-    sign, digits, unit = match.groups()
+    # The sign changes neither the truth nor git's range check (which, by C division, refuses INT_MIN too).
+    _, digits, unit = match.groups()
     number = int(digits, 16) if digits[:2].lower() == "0x" else int(digits, 8 if digits[0] == "0" else 10)
-    factor = _UNITS[unit.lower()]
-    # git's own range check, which (by C division) refuses INT_MIN too.
-    if number > _INT_MAX // factor:
+    if number > _INT_MAX // _UNITS[unit.lower()]:
         return None
     return number != 0
 
