@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict
 from typing import List, Mapping, Optional, Tuple
 
-from .repos import GitConfig, config_bool
+from .repos import GitConfig, Stamp, config_bool, file_stamp, global_config_files
 
 #: Seconds every file of a repository state must have been left alone before the state is trusted.
 SETTLED = 1.0
@@ -43,28 +43,7 @@ MAX_TOTAL = 4 * 1024 * 1024
 #: More loose refs than this, and the state is not worth its stat calls.
 MAX_LOOSE_REFS = 2000
 
-#: One file's identity and times: (path, inode, size, mtime_ns, ctime_ns); missing files have zeros.
-Stamp = Tuple[str, int, int, int, int]
 State = Tuple[Stamp, ...]
-
-
-def global_config_files(env: Mapping[str, str]) -> List[str]:
-    """The system and global config files git reads besides the repository's own."""
-    home = env.get("HOME", "")
-    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
-    return [
-        env.get("GIT_CONFIG_SYSTEM", "/etc/gitconfig"),
-        env.get("GIT_CONFIG_GLOBAL", os.path.join(home, ".gitconfig")),
-        os.path.join(xdg, "git", "config"),
-    ]
-
-
-def _stamp(path: str, follow: bool = True) -> Stamp:
-    try:
-        st = os.stat(path, follow_symlinks=follow)
-    except OSError:
-        return (path, 0, 0, 0, 0)
-    return (path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def repository_state(git_dir: str, config_files: List[str], settled: float = SETTLED) -> Optional[State]:
@@ -72,8 +51,9 @@ def repository_state(git_dir: str, config_files: List[str], settled: float = SET
     (also while any of its files changed less than ``settled`` seconds ago)."""
     if os.path.isdir(os.path.join(git_dir, "reftable")):
         return None
-    stamps = [_stamp(path) for path in config_files]
-    stamps += [_stamp(os.path.join(git_dir, name)) for name in ("config", "HEAD", "packed-refs", "shallow")]
+    stamps = [file_stamp(path) for path in config_files]
+    names = ("config", "HEAD", "packed-refs", "shallow")
+    stamps += [file_stamp(os.path.join(git_dir, name)) for name in names]
     directories = [os.path.join(git_dir, "refs")]
     while directories:
         try:
@@ -84,7 +64,7 @@ def repository_state(git_dir: str, config_files: List[str], settled: float = SET
             if entry.is_dir(follow_symlinks=False):
                 directories.append(entry.path)
             else:
-                stamps.append(_stamp(entry.path, follow=False))
+                stamps.append(file_stamp(entry.path, follow=False))
         if len(stamps) > MAX_LOOSE_REFS:
             return None
     recent = time.time_ns() - int(settled * 1e9)

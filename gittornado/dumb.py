@@ -1,4 +1,4 @@
-"""The dumb protocol's files: the pack list generated from disk, and repository files streamed with Range.
+"""The dumb protocol's files: lists generated from disk (packs, alternates), other files streamed with Range.
 
 Which files are reachable at all is decided by the URL table (``routes.py``);
 these handlers only serve them, after the same lookup and access check as
@@ -8,14 +8,52 @@ every other request.
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, List, Optional
 
-from tornado.web import StaticFileHandler
+from tornado.web import HTTPError, StaticFileHandler
 
 from .backend import GitBackend
 from .handlers import FOREVER, NO_CACHE, GitHandler, GitRequestMixin
 from .permission import Permission
+from .repos import Repository
 from .services import GET_ANY_FILE
+
+ALTERNATES = "objects/info/alternates"
+#: More than any real alternates file; the rest is not read.
+MAX_ALTERNATES_SIZE = 64 * 1024
+
+
+def served_alternates(repo: Repository, url_name: str) -> List[bytes]:
+    """``repo``'s alternates as dumb clients may see them, without the server's paths.
+
+    Each object directory it borrows from that lies under the root becomes a
+    path relative to ``<url_name>/objects``, the objects directory as the
+    client addresses it, which git's dumb client turns into a URL on this
+    server (``../../other.git/objects``).  Lines leading outside the root, to
+    nothing, or written in git's quoted form are left out; so is everything
+    when ``repo`` was not found under a root (an embedder's own lookup).
+    """
+    if repo.root is None:
+        return []
+    objects = os.path.join(repo.path, "objects")
+    source = os.path.join(objects, "info", "alternates")
+    if not os.path.realpath(source).startswith(repo.path + os.sep):
+        return []  # a symlink leading out of the repository
+    try:
+        with open(source, "rb") as f:
+            text = f.read(MAX_ALTERNATES_SIZE)
+    except OSError:
+        return []
+    seen_from = os.path.join(repo.root, url_name, "objects")
+    served = []
+    for line in text.split(b"\n"):
+        if not line or line.startswith((b"#", b'"')):
+            continue
+        # Relative lines are relative to the objects directory, as git reads them.
+        target = os.path.realpath(os.path.join(objects, os.fsdecode(line)))
+        if target.startswith(repo.root + os.sep) and os.path.isdir(target):
+            served.append(os.fsencode(os.path.relpath(target, seen_from)))
+    return served
 
 
 class PackListHandler(GitHandler):
@@ -45,7 +83,8 @@ class RepositoryFileHandler(GitRequestMixin, StaticFileHandler):
 
     The URL table lets through only ``HEAD``, ``objects/info/*alternates``,
     loose objects and pack files, so nothing else in a repository (config,
-    hooks) is ever reachable.
+    hooks) is ever reachable.  ``objects/info/alternates`` is generated
+    (:func:`served_alternates`), never sent as it is on disk.
     """
 
     SUPPORTED_METHODS = ("GET", "HEAD")
@@ -59,8 +98,21 @@ class RepositoryFileHandler(GitRequestMixin, StaticFileHandler):
         repo, _ = await self.open_repository(name, Permission.READ)
         await self.require_switch(repo, GET_ANY_FILE)
         self.service_label = "dumb"
+        self.path = path
+        if path == ALTERNATES:
+            self._send_alternates(repo, name)
+            return
         self.root = repo.path
         await super().get(path, include_body)
+
+    def _send_alternates(self, repo: Repository, name: str) -> None:
+        lines = served_alternates(repo, name)
+        if not lines:
+            raise HTTPError(404, reason="No alternates")
+        for header, value in NO_CACHE.items():
+            self.set_header(header, value)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(b"".join(line + b"\n" for line in lines))  # Tornado sends no body for HEAD
 
     async def head(self, name: str, path: str) -> None:  # type: ignore[override]
         await self.get(name, path, include_body=False)

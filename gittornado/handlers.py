@@ -33,8 +33,8 @@ from .permission import Permission
 from .pipe import GitProcessPipe
 from .process import Busy, SpawnFailed
 from .relay import OutputRelay
-from .repos import GitConfig, Repository, config_bool
-from .services import GET_ANY_FILE, SERVICES, UPLOAD_PACK, Service
+from .repos import ConfigUnreadable, GitConfig, Repository
+from .services import GET_ANY_FILE, SERVICES, UPLOAD_PACK, Service, Switch
 from .util import maybe_await
 
 log = logging.getLogger("gittornado")
@@ -100,14 +100,6 @@ class GitRequestMixin:
             raise HTTPError(404, reason="Repository not found")
         return repo, grant
 
-    async def require_switch(self, repo: Repository, switch: str) -> GitConfig:
-        """Return the repository's config, or 403 when it turns ``switch`` off."""
-        assert self.backend.configs is not None  # set by GitBackend
-        config = await self.backend.configs.get(repo)
-        if not config_bool(config, switch, True):
-            raise HTTPError(403, reason=f"Disabled by {switch} in the repository's config")
-        return config
-
     def on_connection_close(self) -> None:
         """The client left: abort git, and end the request, logged as 499, without a byte more to send.
 
@@ -150,6 +142,23 @@ class GitRequestMixin:
             done.set_result(None)
             return done
         return super().finish(chunk)  # type: ignore[misc]
+
+    async def require_switch(self, repo: Repository, switch: Switch) -> GitConfig:
+        """Return the repository's config, or 403 when ``switch`` is off for this request.
+
+        As in ``git http-backend``: the repository's config decides, else the
+        switch's default, which may depend on whether the request has a user
+        (call after :meth:`open_repository`).
+        """
+        assert self.backend.configs is not None  # set by GitBackend
+        try:
+            config = await self.backend.configs.get(repo)
+        except ConfigUnreadable:
+            raise HTTPError(500, reason="The repository's config cannot be read") from None
+        reason = switch.refusal(config, self.user, repo.name)
+        if reason is not None:
+            raise HTTPError(403, reason=reason)
+        return config
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         """A client that left is no server error."""

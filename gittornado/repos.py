@@ -1,19 +1,33 @@
-"""URL path -> repository directory, safely; per-repository git config.
+"""URL path -> repository directory, safely; per-repository git config read as git reads it.
 
 Everything a client names is checked here before any file or git process is
 touched.  A name that is malformed, or that would lead outside the root in any
 way (``..``, absolute paths, backslashes, NUL, symlinks pointing out), resolves
 to ``None``, which callers answer exactly like a missing repository.
+
+A repository is a directory the administrator placed, found by its real path
+(as ``enter_repo()`` and gitolite see it).  A git directory inside another
+repository, in its work tree or in its git directory, is content someone
+committed or pushed, with whatever ``config`` and ``hooks/`` they chose, so it
+is never served.  And a symlink is only another way to write a repository's
+name: the :class:`Repository` it finds carries the real name, which is what
+access rules are matched against, so an alias grants nothing its target's own
+rules do not.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
+import re
 import subprocess
+import time
 from dataclasses import dataclass
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
+
+log = logging.getLogger("gittornado")
 
 #: Longest repository name accepted; longer names cannot be repositories anyway.
 MAX_NAME_LENGTH = 1024
@@ -23,13 +37,16 @@ MAX_NAME_LENGTH = 1024
 class Repository:
     """A git directory that may be served.
 
-    ``name`` is the path relative to the root as it exists on disk
-    (``team/proj.git``); access rules are matched against it.  ``path`` is the
-    absolute git directory (a bare repository, or a work tree's ``.git``).
+    ``name`` is the repository's real path relative to the root, as it exists
+    on disk (``team/proj.git``, or ``work`` for a work tree), whatever name or
+    alias the client used; access rules are matched against it.  ``path`` is
+    the absolute git directory (a bare repository, or a work tree's ``.git``).
+    ``root`` is the directory it was found under, when it was found under one.
     """
 
     name: str
     path: str
+    root: Optional[str] = None
 
 
 def _is_git_dir(path: str) -> bool:
@@ -60,25 +77,64 @@ def clean_name(name: str) -> Optional[str]:
     return name
 
 
+def _git_dir_of(directory: str) -> str:
+    """The git directory a directory stands for: its ``.git`` when it has one, else itself.
+
+    A directory with a ``.git`` is a work tree; whatever else it holds
+    (even a committed ``HEAD``, ``objects/`` and ``refs/``) is content.
+    """
+    dot_git = os.path.join(directory, ".git")
+    return os.path.realpath(dot_git) if os.path.lexists(dot_git) else directory
+
+
+def _why_not_served(root: str, home: str) -> Optional[str]:
+    """Why the repository whose real directory is ``home`` must not be served, or None.
+
+    Walks from the root down: every directory between the root and ``home``
+    must be neither a git directory nor a work tree (a few stats a level).
+    """
+    if home == root:
+        return "it is the root itself"
+    if not home.startswith(root + os.sep):
+        return "its real path is outside the root"
+    ancestor = root
+    for part in os.path.relpath(home, root).split(os.sep)[:-1]:
+        ancestor = os.path.join(ancestor, part)
+        if os.path.lexists(os.path.join(ancestor, ".git")) or _is_git_dir(ancestor):
+            return f"it lies inside the repository {os.path.relpath(ancestor, root)!r}"
+    return None
+
+
 def resolve_repository(root: str, name: str) -> Optional[Repository]:
     """Find the repository called ``name`` under ``root``.
 
     ``proj`` and ``proj.git`` each find either directory; a non-bare
     repository is served from its ``.git``.  ``root`` must be a real path
-    (symlinks resolved).
+    (symlinks resolved).  The result's ``name`` is the real one (see the
+    module docstring).
     """
     name = clean_name(name)
     if name is None:
         return None
     stem = name[:-4] if name.endswith(".git") else name
     for candidate in dict.fromkeys((name, stem + ".git", stem)):
-        directory = os.path.realpath(os.path.join(root, candidate))
-        if not _inside(root, directory):
+        requested = os.path.join(root, candidate)
+        directory = os.path.realpath(requested)
+        symlinked = "" if directory == requested else f" (a symlink to {directory!r})"
+        git_dir = _git_dir_of(directory) if _inside(root, directory) else directory
+        if not _inside(root, git_dir):
+            if os.path.exists(git_dir):
+                log.debug("%r%s is not served: its real path is outside the root", candidate, symlinked)
             continue
-        for git_dir in (directory, os.path.join(directory, ".git")):
-            real = os.path.realpath(git_dir)
-            if _inside(root, real) and _is_git_dir(real):
-                return Repository(name=candidate, path=real)
+        if not _is_git_dir(git_dir):
+            continue
+        # A work tree is named by its top directory, not by its .git.
+        home = os.path.dirname(git_dir) if os.path.basename(git_dir) == ".git" else git_dir
+        reason = _why_not_served(root, home)
+        if reason is not None:
+            log.debug("%r%s is not served: %s", candidate, symlinked, reason)
+            continue
+        return Repository(name=os.path.relpath(home, root).replace(os.sep, "/"), path=git_dir, root=root)
     return None
 
 
@@ -95,59 +151,176 @@ class RepositoryRoot:
         return resolve_repository(self.root, name)
 
 
-GitConfig = Dict[str, str]
+#: A repository's effective config: lower-cased keys; ``None`` for a bare key (``[http] uploadpack``).
+GitConfig = Dict[str, Optional[str]]
+
+_C_SPACE = " \t\n\v\f\r"
+#: What C's strtoimax(value, &end, 0) reads: sign, then hex, octal or decimal digits; the rest is the unit.
+_C_INTEGER = re.compile(r"([+-]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)(.*)", re.DOTALL)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+_INT_MAX = 2**31 - 1
 
 
-def config_bool(config: GitConfig, key: str, default: bool) -> bool:
-    """Read a boolean the way git does (``true``/``yes``/``on``/``1``, bare key)."""
-    value = config.get(key.lower())
+def parse_git_bool(value: Optional[str]) -> Optional[bool]:
+    """``value`` as ``git config --type=bool`` reads it, or None where git would refuse it.
+
+    A bare key (``None``) is true, an empty value false; ``true``/``yes``/``on``
+    and ``false``/``no``/``off`` in any case; otherwise an ``int`` in C syntax
+    with an optional ``k``/``m``/``g`` unit, true when nonzero.
+    """
     if value is None:
+        return True
+    if value.lower() in ("", "false", "no", "off"):
+        return False
+    if value.lower() in ("true", "yes", "on"):
+        return True
+    match = _C_INTEGER.fullmatch(value.lstrip(_C_SPACE))
+    if match is None or match.group(3).lower() not in _UNITS:
+        return None
+    # The sign changes neither the truth nor git's range check (which, by C division, refuses INT_MIN too).
+    _, digits, unit = match.groups()
+    number = int(digits, 16) if digits[:2].lower() == "0x" else int(digits, 8 if digits[0] == "0" else 10)
+    if number > _INT_MAX // _UNITS[unit.lower()]:
+        return None
+    return number != 0
+
+
+def config_bool(config: GitConfig, key: str, default: bool, source: str = "the repository") -> bool:
+    """Read a boolean the way git does (:func:`parse_git_bool`); ``default`` when unset.
+
+    A value git could not read is taken as off, and logged with ``source``:
+    git itself would stop with an error, so nothing it guards should run.
+    """
+    key = key.lower()
+    if key not in config:
         return default
-    return value.strip().lower() in ("", "true", "yes", "on", "1")
+    value = parse_git_bool(config[key])
+    if value is None:
+        log.warning("%s: %s = %r is not a boolean git can read; taken as off", source, key, config[key])
+        return False
+    return value
+
+
+def global_config_files(env: Mapping[str, str]) -> List[str]:
+    """The system and global config files git reads besides the repository's own."""
+    home = env.get("HOME", "")
+    xdg = env.get("XDG_CONFIG_HOME") or os.path.join(home, ".config")
+    return [
+        env.get("GIT_CONFIG_SYSTEM", "/etc/gitconfig"),
+        env.get("GIT_CONFIG_GLOBAL", os.path.join(home, ".gitconfig")),
+        os.path.join(xdg, "git", "config"),
+    ]
+
+
+#: One file's identity and times: (path, inode, size, mtime_ns, ctime_ns); missing files have zeros.
+Stamp = Tuple[str, int, int, int, int]
+
+
+def file_stamp(path: str, follow: bool = True) -> Stamp:
+    """What changes when ``path`` is written or replaced (zeros while it is missing)."""
+    try:
+        st = os.stat(path, follow_symlinks=follow)
+    except OSError:
+        return (path, 0, 0, 0, 0)
+    return (path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+#: Seconds a config file must have been left alone before a reading of it is kept (file times are coarse).
+SETTLED = 1.0
+
+
+class ConfigUnreadable(Exception):
+    """git could not read a repository's config (a syntax error, say); git would refuse to serve it too."""
+
+
+@dataclass(frozen=True)
+class _Reading:
+    config: GitConfig
+    stamps: Tuple[Stamp, ...]
 
 
 class ConfigCache:
     """Each repository's effective git config, re-read only when it changes.
 
-    git's own parser runs (``git config --list``), so includes, conditional
-    sections and system/global settings count as they do for git.  The result
-    is kept until the repository's ``config`` file changes, so a busy
-    repository costs one ``stat`` per request, not a process.
+    git's own parser runs (``git config --list --show-origin``, with the
+    server's git binary and environment), so includes, conditional sections
+    and system/global settings count as they do for git.  A reading is kept
+    while a ``stat`` of every file it came from (the repository's ``config``,
+    the system and global files, every file an include names, present or not)
+    shows no change, so a busy repository costs a few stats per request, not
+    a process.  A reading made within :data:`SETTLED` seconds of a change to
+    one of its files is not kept, since a second change in the same clock
+    tick could otherwise go unseen.  Concurrent requests share one reading.
     """
 
     def __init__(self, git: str = "git", env: Optional[Mapping[str, str]] = None) -> None:
         self._git = git
         self._env = dict(env) if env is not None else None
-        self._entries: Dict[str, Tuple[Tuple[int, int, int], GitConfig]] = {}
+        self._lookup_env: Mapping[str, str] = self._env if self._env is not None else os.environ
+        self._global_files = global_config_files(self._lookup_env)
+        self._entries: Dict[str, _Reading] = {}
+        self._pending: Dict[str, asyncio.Task[GitConfig]] = {}
 
     async def get(self, repository: Repository) -> GitConfig:
-        """Return ``repository``'s config as a dict of lower-cased keys."""
-        try:
-            st = os.stat(os.path.join(repository.path, "config"))
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            stamp = (0, 0, 0)
-        cached = self._entries.get(repository.path)
-        if cached is not None and cached[0] == stamp:
-            return cached[1]
-        config = await self._read(repository.path)
-        self._entries[repository.path] = (stamp, config)
-        return config
+        """Return ``repository``'s config as a dict of lower-cased keys.
+
+        Raises :class:`ConfigUnreadable` when git cannot read it.
+        """
+        path = repository.path
+        cached = self._entries.get(path)
+        if cached is not None and cached.stamps == tuple(file_stamp(s[0]) for s in cached.stamps):
+            return cached.config
+        reading = self._pending.get(path)
+        if reading is None:
+            reading = self._pending[path] = asyncio.ensure_future(self._read(path))
+            reading.add_done_callback(lambda _: self._pending.pop(path, None))
+        # Shielded: a request that gives up does not cancel the reading others wait for.
+        return await asyncio.shield(reading)
 
     async def _read(self, git_dir: str) -> GitConfig:
+        started = time.time_ns()
         # A thread, not the event loop: starting a process blocks until it has exec'd.
         run = functools.partial(
             subprocess.run,
-            [self._git, "--git-dir", git_dir, "config", "--list", "-z"],
+            [self._git, "--git-dir", git_dir, "config", "--list", "--show-origin", "-z"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
             env=self._env,
         )
-        output = (await asyncio.get_running_loop().run_in_executor(None, run)).stdout
-        config: GitConfig = {}
-        for entry in output.split(b"\0"):
-            if entry:
-                key, _, value = entry.decode("utf-8", "replace").partition("\n")
-                config[key.lower()] = value
+        result = await asyncio.get_running_loop().run_in_executor(None, run)
+        if result.returncode != 0:
+            reason = result.stderr.decode("utf-8", "replace").strip().splitlines()
+            log.warning("%s: git cannot read its config: %s", git_dir, reason[0] if reason else "no reason")
+            raise ConfigUnreadable(git_dir)
+        config, files = _parse_listing(result.stdout, self._lookup_env)
+        files = [os.path.join(git_dir, "config"), *self._global_files, *files]
+        if any(key.startswith("includeif.onbranch:") for key in config):
+            files.append(os.path.join(git_dir, "HEAD"))
+        stamps = tuple(file_stamp(path) for path in dict.fromkeys(files))
+        if all(max(s[3], s[4]) < started - SETTLED * 1e9 for s in stamps):
+            self._entries[git_dir] = _Reading(config, stamps)
+        else:
+            self._entries.pop(git_dir, None)
         return config
+
+
+def _parse_listing(output: bytes, env: Mapping[str, str]) -> Tuple[GitConfig, List[str]]:
+    """``git config --list --show-origin -z`` output -> (config, every file it came from or includes)."""
+    config: GitConfig = {}
+    files: List[str] = []
+    fields = output.split(b"\0")
+    for origin_field, entry in zip(fields[0::2], fields[1::2]):
+        origin = os.fsdecode(origin_field)
+        key, newline, value = entry.decode("utf-8", "replace").partition("\n")
+        key = key.lower()
+        config[key] = value if newline else None
+        if not origin.startswith("file:"):
+            continue  # "command line:" (-c, GIT_CONFIG_COUNT): fixed for the server's lifetime
+        origin_file = origin[len("file:") :]
+        files.append(origin_file)
+        if (key == "include.path" or (key.startswith("includeif.") and key.endswith(".path"))) and value:
+            # Watched even while missing: creating it changes the config.
+            included = os.path.join(env.get("HOME", ""), value[2:]) if value.startswith("~/") else value
+            files.append(os.path.join(os.path.dirname(origin_file), included))
+    return config, files

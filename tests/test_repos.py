@@ -62,6 +62,48 @@ def test_symlink_leading_out_does_not_resolve(gitbase: Path, outside: Path, git:
     root = os.path.realpath(gitbase)
     assert resolve_repository(root, "escape.git") is None
     assert resolve_repository(root, "alias").path == str(gitbase / "inside.git")
+    # Access rules see the real name, never the alias.
+    assert resolve_repository(root, "alias").name == "inside.git"
+
+
+def test_git_directories_inside_repositories_do_not_resolve(git: GitClient, gitbase: Path):
+    work = make_repo(git, gitbase, "work", bare=False)
+    bare = make_repo(git, gitbase, "proj.git")
+    make_repo(git, gitbase, "work/sub/inner.git")  # in a work tree, however deep
+    make_repo(git, gitbase, "proj.git/inner.git")  # in a git directory
+    make_repo(git, work / ".git" / "modules", "sub")  # where git keeps submodules
+    root = os.path.realpath(gitbase)
+    for name in (
+        "work/sub/inner.git",
+        "work/sub/inner",
+        "proj.git/inner.git",
+        "proj/inner",
+        "work/.git/modules/sub",
+    ):
+        assert resolve_repository(root, name) is None, name
+    # The repositories themselves are served, a work tree under either of its names.
+    assert resolve_repository(root, "proj").path == str(bare)
+    assert resolve_repository(root, "work/.git") == resolve_repository(root, "work")
+    assert resolve_repository(root, "work").name == "work"
+
+
+def test_a_work_tree_is_served_from_its_git_directory_whatever_it_holds(git: GitClient, gitbase: Path):
+    work = make_repo(git, gitbase, "work", bare=False)
+    # Committed files that look like a git directory, at the top of the work tree.
+    (work / "HEAD").write_text("ref: refs/heads/main\n")
+    (work / "objects").mkdir()
+    (work / "refs").mkdir()
+    found = resolve_repository(os.path.realpath(gitbase), "work")
+    assert found is not None and found.path == str(work / ".git")
+
+
+def test_a_root_inside_a_work_tree_still_serves(git: GitClient, tmp_path: Path):
+    """The root is the administrator's choice; only what lies below it is checked."""
+    checkout = tmp_path / "etc-checkout"
+    git.sync("init", "-q", str(checkout))
+    make_repo(git, checkout, "proj.git")
+    assert resolve_repository(os.path.realpath(checkout), "proj").name == "proj.git"
+    assert resolve_repository(os.path.realpath(checkout), ".git") is None  # the root is no repository
 
 
 @pytest.mark.gen_test(timeout=30)

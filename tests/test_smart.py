@@ -135,7 +135,11 @@ async def test_advertisement_format_v0_and_v2(http_client, repo: Path, base_url:
 
 
 @pytest.mark.gen_test(timeout=20)
-async def test_upload_archive_with_a_raw_request(http_client, repo: Path, base_url: str, tmp_path: Path):
+async def test_upload_archive_with_a_raw_request(
+    http_client, git: GitClient, repo: Path, base_url: str, tmp_path: Path
+):
+    git.sync("config", "http.uploadarchive", "true", cwd=repo)  # anonymous users need it, as in http-backend
+
     def pkt(text: str) -> bytes:
         return b"%04x" % (len(text) + 4) + text.encode()
 
