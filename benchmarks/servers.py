@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional, Set, Tuple
+from typing import Dict, Optional, Sequence, Set, Tuple
 
 from .memory import ProcessTable, descendants
 
@@ -65,10 +65,11 @@ class GittornadoServer:
 
     name = "gittornado"
 
-    def __init__(self, root: Path, env: Dict[str, str], tmp: Path) -> None:
+    def __init__(self, root: Path, env: Dict[str, str], tmp: Path, args: Sequence[str] = ()) -> None:
         self.root = root
         self.env = env
         self.tmp = tmp
+        self.args = list(args)  # more options, e.g. --pack-cache DIR
         self.proc: Optional[subprocess.Popen] = None
         self.url = ""
         self.command = ""
@@ -78,8 +79,8 @@ class GittornadoServer:
         access = self.tmp / "users.ini"
         access.write_text("[users]\n[access]\n* = *=rw\n")
         argv = ["gittornado", "--port", "0", "--address", "127.0.0.1", "--gitbase", str(self.root)]
-        argv += ["--accessfile", str(access)]
-        self.command = "gittornado --accessfile (everyone rw)"
+        argv += ["--accessfile", str(access), *self.args]
+        self.command = " ".join(["gittornado --accessfile (everyone rw)", *self.args])
         log = open(self.tmp / "gittornado.log", "wb")
         self.proc = subprocess.Popen(
             argv,
