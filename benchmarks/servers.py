@@ -22,7 +22,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, Optional, Set, Tuple
+from typing import Dict, Optional, Sequence, Set, Tuple
 
 from .memory import ProcessTable, descendants
 
@@ -73,10 +73,13 @@ class GittornadoServer:
 
     name = "gittornado"
 
-    def __init__(self, root: Path, env: Dict[str, str], tmp: Path, small_pipes: bool = False) -> None:
+    def __init__(
+        self, root: Path, env: Dict[str, str], tmp: Path, args: Sequence[str] = (), small_pipes: bool = False
+    ) -> None:
         self.root = root
         self.env = env
         self.tmp = tmp
+        self.args = list(args)  # more options, e.g. --pack-cache DIR
         self.small_pipes = small_pipes
         self.proc: Optional[subprocess.Popen] = None
         self.url = ""
@@ -89,8 +92,8 @@ class GittornadoServer:
         argv = ["gittornado", "--port", "0", "--address", "127.0.0.1", "--gitbase", str(self.root)]
         if self.small_pipes:  # as where the kernel refuses larger pipes (a user holding many)
             argv = [sys.executable, "-c", SMALL_PIPES, *argv[1:]]
-        argv += ["--accessfile", str(access)]
-        self.command = "gittornado --accessfile (everyone rw)"
+        argv += ["--accessfile", str(access), *self.args]
+        self.command = " ".join(["gittornado --accessfile (everyone rw)", *self.args])
         if self.small_pipes:
             self.command += ", 64 KiB pipes"
         log = open(self.tmp / "gittornado.log", "wb")

@@ -19,6 +19,7 @@ from tornado.web import HTTPError, RequestHandler
 from .access import AccessPolicy, ReadOnlyPolicy
 from .adverts import AdvertisementCache
 from .observe import Metrics
+from .packcache import PackCache
 from .process import GitProcesses
 from .repos import ConfigCache, Repository
 
@@ -83,7 +84,8 @@ class GitBackend:
     request whose body has not started that many seconds after its headers
     (git starts only then); ``processes`` holds the running git processes and
     their cap; ``metrics``, when set, is served at ``/metrics``; ``adverts``
-    replays unchanged upload-pack advertisements.  ``git`` and ``base_env``
+    replays unchanged upload-pack advertisements; ``pack_cache``, when set,
+    shares the packs of identical fetches (:mod:`gittornado.packcache`).  ``git`` and ``base_env``
     are the git binary and the environment it runs with; the default
     ``configs`` and ``adverts`` read config with those same two.
     """
@@ -98,6 +100,7 @@ class GitBackend:
     git: str = "git"
     configs: Optional[ConfigCache] = None
     adverts: Optional[AdvertisementCache] = None
+    pack_cache: Optional[PackCache] = None
     processes: GitProcesses = field(default_factory=GitProcesses)
     base_env: Dict[str, str] = field(default_factory=server_environment)
     #: The requests in progress (a shutdown lets them finish); weak, so none is kept alive by it.

@@ -23,7 +23,7 @@ import json
 import logging
 import re
 from datetime import datetime, timezone
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from tornado.ioloop import PeriodicCallback
 from tornado.web import RequestHandler
@@ -113,10 +113,18 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        #: Collectors whose values are read from elsewhere on every scrape (see :meth:`watch_pack_cache`).
+        self._readers: List[Any] = []
         if shared_dir is None:
             running.set_function(lambda: len(running_processes.running))
         else:  # a value in a file cannot be a function: sample it
             PeriodicCallback(lambda: running.set(len(running_processes.running)), 1000).start()
+
+    def watch_pack_cache(self, cache: Any) -> None:
+        """Report a :class:`~gittornado.packcache.PackCache`'s statistics (read on each scrape)."""
+        reader = PackCacheCollector(cache)
+        self.registry.register(reader)
+        self._readers.append(reader)
 
     def observe(self, fields: Dict[str, Any], had_credentials: bool) -> None:
         """Count one finished request."""
@@ -136,7 +144,39 @@ class Metrics:
 
         every_process = self._prom.CollectorRegistry()
         multiprocess.MultiProcessCollector(every_process, path=self._shared_dir)
+        for reader in self._readers:
+            every_process.register(reader)
         return self._prom.generate_latest(every_process)
+
+
+class PackCacheCollector:
+    """The pack cache's statistics as Prometheus metrics, read when scraped.
+
+    Counters come from the cache directory's counter files (every host that
+    shares it); entries and bytes on disk from the server's last scan.
+    """
+
+    #: statistics key -> (metric name, help, counter?)
+    METRICS = {
+        "hits": ("gittornado_pack_cache_hits", "Fetches answered from the pack cache", True),
+        "misses": ("gittornado_pack_cache_misses", "Fetches that ran pack-objects", True),
+        "served_bytes": ("gittornado_pack_cache_served_bytes", "Pack bytes sent from the cache", True),
+        "written_bytes": ("gittornado_pack_cache_written_bytes", "Bytes written into the cache", True),
+        "errors": ("gittornado_pack_cache_errors", "Fetches served uncached for a cache fault", True),
+        "entries": ("gittornado_pack_cache_entries", "Complete entries on disk", False),
+        "disk_bytes": ("gittornado_pack_cache_disk_bytes", "Bytes the cache takes on disk", False),
+    }
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        statistics = self.cache.statistics()
+        for key, (name, text, counter) in self.METRICS.items():
+            family = CounterMetricFamily if counter else GaugeMetricFamily
+            yield family(name, text, value=statistics[key])
 
 
 class RequestObserver:

@@ -31,6 +31,7 @@ from .backend import MAX_FETCH_BODY_SIZE, GitBackend
 from .handlers import NotFoundHandler
 from .httpserver import HardenedHTTPServer
 from .observe import Metrics, RequestObserver
+from .packcache import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, PackCache
 from .process import GitProcesses
 from .repos import RepositoryRoot
 from .routes import routes_for
@@ -172,6 +173,33 @@ def build_parser() -> argparse.ArgumentParser:
         "repository names (needs prometheus_client); <prefix>/healthz is always served",
     )
     parser.add_argument(
+        "--pack-cache",
+        metavar="DIR",
+        help="share the packs of identical fetches (CI clone storms) through this directory, which "
+        "several processes and hosts may share (default: off)",
+    )
+    parser.add_argument(
+        "--pack-cache-max-size",
+        type=parse_size,
+        default=DEFAULT_MAX_BYTES,
+        metavar="SIZE",
+        help="evict the oldest entries beyond this total, e.g. 20G (default: 5G)",
+    )
+    parser.add_argument(
+        "--pack-cache-max-age",
+        type=float,
+        default=DEFAULT_MAX_AGE,
+        metavar="SECONDS",
+        help="evict entries older than this (default: 600)",
+    )
+    parser.add_argument(
+        "--pack-cache-min-requests",
+        type=int,
+        default=2,
+        metavar="N",
+        help="cache a fetch from its Nth identical request on (default: 2, which halves disk writes)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -251,7 +279,13 @@ async def serve(
         body_timeout=args.header_timeout or None,
         processes=processes,
         metrics=Metrics(processes, metrics_dir) if args.metrics else None,
+        pack_cache=pack_cache(args),
     )
+    tidying = None
+    if backend.pack_cache is not None:
+        tidying = asyncio.ensure_future(backend.pack_cache.keep_tidy())
+        if backend.metrics is not None:
+            backend.metrics.watch_pack_cache(backend.pack_cache)
     server = HardenedHTTPServer(
         make_application(backend, args.prefix),
         xheaders=args.xheaders,
@@ -283,7 +317,21 @@ async def serve(
         await asyncio.sleep(0.1)
     # Nothing of a push stuck in a hook may outlive the server: SIGTERM, SIGKILL, reaped.
     await backend.processes.end_all()
+    if tidying is not None:
+        tidying.cancel()
     await asyncio.wait_for(server.close_all_connections(), timeout=5)
+
+
+def pack_cache(args: argparse.Namespace) -> Optional[PackCache]:
+    """The pack-objects cache ``--pack-cache`` asks for, or None."""
+    if not args.pack_cache:
+        return None
+    try:
+        return PackCache(
+            args.pack_cache, args.pack_cache_max_size, args.pack_cache_max_age, args.pack_cache_min_requests
+        )
+    except OSError as error:
+        raise SystemExit(f"gittornado: --pack-cache {args.pack_cache}: {error.strerror}") from None
 
 
 def share_metrics() -> str:
@@ -326,6 +374,10 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit(f"gittornado: --gitbase {args.gitbase}: not a directory")
     if args.max_git_processes < 1:
         raise SystemExit("gittornado: --max-git-processes must be 1 or more")
+    if args.pack_cache_min_requests < 1:
+        raise SystemExit("gittornado: --pack-cache-min-requests must be 1 or more")
+    if args.pack_cache:
+        pack_cache(args)  # a directory that cannot be made stops the command, not each worker
     if args.processes < 0:
         raise SystemExit("gittornado: --processes must be 0 (one per CPU) or more")
     processes = args.processes or cpu_count()
