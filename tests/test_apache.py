@@ -79,6 +79,7 @@ async def test_dumb_http_text_is_not_compressed_by_apache(git, repo, tmp_path, d
     assert "Content-Encoding" not in (tmp_path / "trace").read_text()
 
 
+@pytest.mark.transfer
 @pytest.mark.gen_test(timeout=300)
 async def test_300mb_chunked_push_streams_through_apache(git, gitbase, big_repo, tmp_path, deployment):
     target = init_bare(gitbase / "big.git")

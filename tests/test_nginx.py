@@ -84,6 +84,7 @@ def test_plain_http_redirects_to_https(deployment):
     )
 
 
+@pytest.mark.transfer
 @pytest.mark.gen_test(timeout=300)
 async def test_300mb_chunked_push_streams_through_nginx(git, gitbase, big_repo, tmp_path, deployment):
     target = init_bare(gitbase / "big.git")

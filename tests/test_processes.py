@@ -197,6 +197,7 @@ async def test_concurrent_pushes_to_different_branches_all_land(git, repo, tmp_p
     assert_each_instance_took_pushes(topology)
 
 
+@pytest.mark.transfer
 @pytest.mark.gen_test(timeout=300)
 async def test_300mb_chunked_push_to_several_processes(git, gitbase, big_repo, tmp_path, services):
     server = services.gittornado(gitbase, "--processes", "2")

@@ -45,6 +45,7 @@ async def test_plain_http_to_the_https_port_gets_nothing(git, repo, https_server
     assert result.returncode != 0
 
 
+@pytest.mark.transfer
 @pytest.mark.gen_test(timeout=300)
 async def test_300mb_chunked_push_over_https(git, gitbase, big_repo, tmp_path, https_server, trust):
     target = init_bare(gitbase / "big.git")
