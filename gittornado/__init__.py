@@ -11,7 +11,6 @@ __version__ = "0.1.0"
 from .access import AccessPolicy, AuthenticationFailed, OpenPolicy, ReadOnlyPolicy  # noqa: E402
 from .backend import GitBackend  # noqa: E402
 from .dumb import PackListHandler, RepositoryFileHandler  # noqa: E402
-from .handlers import InfoRefsHandler, ServiceHandler  # noqa: E402
 from .httpserver import HardenedHTTPServer  # noqa: E402
 from .inipolicy import FailureThrottle, IniPolicy  # noqa: E402
 from .observe import Metrics, RequestObserver  # noqa: E402
@@ -19,6 +18,7 @@ from .permission import Permission  # noqa: E402
 from .process import GitProcesses  # noqa: E402
 from .repos import Repository, RepositoryRoot, resolve_repository  # noqa: E402
 from .routes import git_routes, routes_for  # noqa: E402
+from .smart import InfoRefsHandler, ServiceHandler  # noqa: E402
 from .status import HealthHandler, MetricsHandler  # noqa: E402
 
 __all__ = [

@@ -1,8 +1,8 @@
-"""Thin RequestHandlers: resolve the repository, ask the policy, hand over to git.
+"""The base of every handler: resolve the repository, ask the policy, run git, answer, end cleanly.
 
 Every handler follows the same path: :meth:`GitRequestMixin.open_repository`
 (lookup + access check), the repository's config switch, then a
-:class:`~gittornado.pipe.GitProcessPipe` (here) or a file from disk
+:class:`~gittornado.pipe.GitProcessPipe` (``smart.py``) or a file from disk
 (``dumb.py``).  The handlers, and only they, decide statuses, headers,
 finishing and aborting: :meth:`GitHandler.send_git_output` is the one place
 where git's output and exit status become an HTTP response.
@@ -14,7 +14,6 @@ being reaped.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from weakref import WeakSet
@@ -23,18 +22,16 @@ from tornado import httputil
 from tornado.concurrent import Future
 from tornado.escape import utf8
 from tornado.iostream import StreamClosedError
-from tornado.web import HTTPError, RequestHandler, stream_request_body
+from tornado.web import HTTPError, RequestHandler
 
 from .access import AccessDenied, Grant, check_access
-from .adverts import Recording
 from .backend import GitBackend, git_protocol
-from .body import BodyDecoder
 from .permission import Permission
 from .pipe import GitProcessPipe
 from .process import Busy, SpawnFailed
 from .relay import OutputRelay
 from .repos import ConfigUnreadable, GitConfig, Repository
-from .services import GET_ANY_FILE, SERVICES, UPLOAD_PACK, Service, Switch
+from .services import Switch
 from .util import maybe_await
 
 log = logging.getLogger("gittornado")
@@ -47,10 +44,6 @@ NO_CACHE = {
 }
 #: Cache headers for content-addressed files (objects and packs), which never change.
 FOREVER = {"Cache-Control": "public, max-age=31536000, immutable"}
-
-_FOR_EACH_REF_FORMAT = (
-    "%(objectname)%09%(refname)%(if)%(*objectname)%(then)%0a%(*objectname)%09%(refname)^{}%(end)"
-)
 
 
 def pkt_line(text: str) -> bytes:
@@ -308,181 +301,6 @@ class GitHandler(GitRequestMixin, RequestHandler):
         return status == 0
 
 
-class InfoRefsHandler(GitHandler):
-    """``GET <repo>/info/refs``: the smart advertisement or the dumb ref list; ``HEAD``: its headers."""
-
-    SUPPORTED_METHODS = ("GET", "HEAD")
-
-    async def get(self, name: str, include_body: bool = True) -> None:
-        service_name = self.get_query_argument("service", None)
-        self.set_no_cache()
-        if service_name is None:
-            repo, grant = await self.open_repository(name, Permission.READ)
-            await self.require_switch(repo, GET_ANY_FILE)
-            content_type = "text/plain; charset=utf-8"
-            if not include_body:
-                self.set_header("Content-Type", content_type)
-                return
-            # Generated from the live refs, so no `git update-server-info` is needed.
-            args = ["--git-dir", repo.path, "for-each-ref", "--format=" + _FOR_EACH_REF_FORMAT]
-            await self.start_git(repo, grant, "dumb", args)
-            await self.send_git_output(content_type)
-            return
-        service = SERVICES.get(service_name)
-        if service is None or not service.advertises:
-            raise HTTPError(400, reason="Unknown service")
-        repo, grant = await self.open_repository(name, service.permission)
-        config = await self.require_switch(repo, service.switch)
-        protocol = git_protocol(self.request.headers.get("Git-Protocol")) or ""
-        if not include_body:
-            self.set_header("Content-Type", service.advertisement_type)
-            return
-        label = f"info/refs:{service.name}"
-        # Protocol v2 has no service line; receive-pack has no v2 and answers v0.
-        v2 = "version=2" in protocol.split(":")
-        prefix = b"" if v2 and service is UPLOAD_PACK else pkt_line(f"# service={service.name}\n") + b"0000"
-        adverts = self.backend.adverts
-        assert adverts is not None  # set by GitBackend
-        state = adverts.state(repo.path, config) if service is UPLOAD_PACK else None
-        if state is not None:
-            answer = adverts.get(repo.path, protocol, state)
-            if answer is not None:  # git's own answer, and nothing it is made from has changed
-                self.service_label = label
-                self.set_header("Content-Type", service.advertisement_type)
-                self.finish(prefix + answer)
-                return
-        args = [*service.command, "--advertise-refs", repo.path]
-        await self.start_git(repo, grant, label, args, config, dict(service.defaults))
-        recording = Recording() if state is not None else None
-        if await self.send_git_output(service.advertisement_type, prefix, recording) and recording:
-            adverts.put(repo.path, protocol, state, recording)  # type: ignore[arg-type]
-
-    async def head(self, name: str) -> None:
-        await self.get(name, include_body=False)
-
-
-@stream_request_body
-class ServiceHandler(GitHandler):
-    """``POST <repo>/git-<service>``: stream the request into git and its answer back.
-
-    git starts with the body's first byte, not with the headers: a request
-    whose body never comes costs no process, and gets 408 after the
-    backend's ``body_timeout``.
-    """
-
-    SUPPORTED_METHODS = ("POST",)
-
-    def initialize(self, backend: GitBackend) -> None:  # type: ignore[override]
-        super().initialize(backend)
-        self.decoder: Optional[BodyDecoder] = None
-        # The body's latest piece, kept from git until the next one or the end of the request.
-        self.held_back = b""
-        # git stopped reading its input: the rest of the body is not even decoded.
-        self.ignoring_input = False
-        self.refused = False
-        self._body_timer: Optional[object] = None
-
-    async def prepare(self) -> None:
-        name, service_name = self.path_args
-        service = SERVICES[service_name]
-        repo, grant = await self.open_repository(name, service.permission)
-        config = await self.require_switch(repo, service.switch)
-        content_type = self.request.headers.get("Content-Type", "")
-        if content_type.split(";")[0].strip() != service.request_type:
-            raise HTTPError(415, reason=f"Expected Content-Type {service.request_type}")
-        git_protocol(self.request.headers.get("Git-Protocol"))  # refused now, not once the body flows
-        writes = service.permission is Permission.WRITE
-        limit = self.backend.max_body_size if writes else self.backend.max_fetch_body_size
-        length = self.request.headers.get("Content-Length")
-        if limit is not None and length is not None and length.isdigit() and int(length) > limit:
-            raise HTTPError(413, reason="Request body too large")
-        # Tornado's own cap (100 MB by default) would cut pushes; the decoder enforces ours.
-        self.request.connection.set_max_body_size(2**62)  # type: ignore[union-attr]
-        self.decoder = BodyDecoder(self.request.headers.get("Content-Encoding"), limit)
-        self.service: Service = service
-        self._git_args = (repo, grant, service.name, [*service.command, repo.path], config)
-        timeout = self.backend.body_timeout
-        if timeout:
-            self._body_timer = asyncio.get_running_loop().call_later(timeout, self._body_did_not_start)
-
-    async def data_received(self, chunk: bytes) -> None:
-        self._cancel_body_timer()
-        self.bytes_in += len(chunk)
-        if self.decoder is None or self.refused or self.ignoring_input:
-            return
-        try:
-            for piece in self.decoder.decode(chunk):
-                pipe = self.pipe or await self._start_git()
-                if not pipe.accepting_input:  # git exited or refused: inflating the rest is work for nothing
-                    self.ignoring_input = True
-                    return
-                # git acts once its payload is complete (receive-pack updates refs when
-                # the pack's last byte is in), which can be before the HTTP body is.
-                # Holding the latest piece back until post() means a request cut short
-                # always reaches git incomplete, so it changes nothing.  (A whole piece,
-                # not just its last byte: a one-byte write per piece would wake git for it.)
-                await pipe.write(self.held_back)
-                self.held_back = piece
-                await asyncio.sleep(0)  # one piece at a time: a gzip bomb cannot hold the loop
-        except HTTPError as error:
-            self._refuse(error)
-
-    async def post(self, name: str, service_name: str) -> None:
-        self._cancel_body_timer()
-        if self.refused or self.decoder is None:
-            return
-        if not self.ignoring_input:
-            try:
-                self.decoder.finish()
-            except HTTPError as error:
-                self._refuse(error)
-                return
-        if self.pipe is None:
-            raise HTTPError(400, reason="Empty request body")
-        await self.pipe.write(self.held_back)
-        self.held_back = b""
-        await self.pipe.end_input()
-        self.set_no_cache()
-        await self.send_git_output(self.service.result_type, failure_status=400)
-
-    def on_finish(self) -> None:
-        self._cancel_body_timer()
-        super().on_finish()
-
-    async def _start_git(self) -> GitProcessPipe:
-        repo, grant, label, args, config = self._git_args
-        return await self.start_git(
-            repo,
-            grant,
-            label,
-            args,
-            config,
-            dict(self.service.defaults),
-            with_stdin=True,
-            writes_repository=self.service.permission is Permission.WRITE,
-        )
-
-    def _body_did_not_start(self) -> None:
-        self._body_timer = None
-        if self.pipe is None and not self.completed:
-            self._refuse(HTTPError(408, reason="The request body did not start in time"))
-
-    def _cancel_body_timer(self) -> None:
-        if self._body_timer is not None:
-            self._body_timer.cancel()  # type: ignore[attr-defined]
-            self._body_timer = None
-
-    def _refuse(self, error: HTTPError) -> None:
-        """Stop git before it acts on a body that will not arrive whole, and say why.
-
-        Tornado closes the connection after this answer, since the body was not read to its end.
-        """
-        self.refused = True
-        if self.pipe is not None:
-            self.pipe.abort()
-        self.send_error(error.status_code, reason=error.reason, exc_info=(type(error), error, None))
-
-
 class NotFoundHandler(GitRequestMixin, RequestHandler):
     """Plain-text 404 for every URL outside the git routes."""
 
@@ -493,8 +311,11 @@ class NotFoundHandler(GitRequestMixin, RequestHandler):
         raise HTTPError(404, reason="Not found")
 
 
-#: Handlers that moved to :mod:`gittornado.dumb` and :mod:`gittornado.status`, still importable from here.
+#: Handlers that moved to :mod:`gittornado.smart`, :mod:`gittornado.dumb` and :mod:`gittornado.status`,
+#: still importable from here.
 _MOVED = {
+    "InfoRefsHandler": "smart",
+    "ServiceHandler": "smart",
     "PackListHandler": "dumb",
     "RepositoryFileHandler": "dumb",
     "HealthHandler": "status",

@@ -16,8 +16,8 @@ from tornado.web import URLSpec
 from .access import AccessPolicy, ReadOnlyPolicy
 from .backend import GitBackend, Lookup
 from .dumb import PackListHandler, RepositoryFileHandler
-from .handlers import InfoRefsHandler, ServiceHandler
 from .repos import RepositoryRoot
+from .smart import InfoRefsHandler, ServiceHandler
 from .status import HealthHandler, MetricsHandler
 
 _HEX = "[0-9a-f]"
