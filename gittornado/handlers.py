@@ -19,6 +19,7 @@ from .access import AccessDenied, Grant, check_access
 from .adverts import Recording
 from .backend import GitBackend, git_protocol
 from .body import BodyDecoder
+from .httpserver import SERVER_NAME
 from .permission import Permission
 from .pipe import GitProcessPipe
 from .repos import GitConfig, Repository, config_bool
@@ -65,6 +66,10 @@ class GitRequestMixin:
         self.backend = backend
         self.in_progress = backend.requests
         self.in_progress.add(self)
+
+    def set_default_headers(self) -> None:
+        """``Server: gittornado``, not Tornado's name and exact release."""
+        self.set_header("Server", SERVER_NAME)  # type: ignore[attr-defined]
 
     async def open_repository(self, name: str, permission: Permission) -> Tuple[Repository, Grant]:
         """Resolve ``name`` and check ``permission`` on it, or raise the right HTTP error."""
