@@ -8,6 +8,7 @@ The attacker's connections come from 127.0.0.2 and the real client from 127.0.0.
 from __future__ import annotations
 
 import asyncio
+import configparser
 import os
 import re
 import socket
@@ -228,3 +229,12 @@ def test_limits_are_sized_from_the_descriptor_limit():
     assert ConnectionLimits.sized(65536, by_address=False) == ConnectionLimits(13097, None)
     assert ConnectionLimits.sized(64) == ConnectionLimits(3, 3)
     assert ConnectionLimits.sized(10) == ConnectionLimits(1, 1)
+
+
+def test_example_unit_sets_a_descriptor_limit():
+    """examples/gittornado.service raises systemd's default limit (1024: 195 connections per worker)."""
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(deploy_helpers.EXAMPLES / "gittornado.service")
+    limit = int(unit["Service"]["LimitNOFILE"])
+    assert ConnectionLimits.sized(limit, by_address=False).total > 10_000
