@@ -48,6 +48,17 @@ PAUSE_LOG_INTERVAL = 10.0
 ACCEPT_BATCH = 128
 
 
+def raise_descriptor_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as systemd advises programs that use no ``select()``:
+    its default soft limit (1024) is kept low only for those that do, and would cap connections low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError):  # a hard limit above what the kernel allows (nr_open)
+            pass
+
+
 def descriptor_limit() -> int:
     """This process's soft RLIMIT_NOFILE (a large number when unlimited)."""
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -28,7 +28,7 @@ from tornado.web import Application
 from . import __version__
 from .access import AccessPolicy, ReadOnlyPolicy
 from .backend import GitBackend
-from .connections import ConnectionLimits
+from .connections import ConnectionLimits, raise_descriptor_limit
 from .handlers import NotFoundHandler
 from .httpserver import HardenedHTTPServer
 from .observe import Metrics, RequestObserver
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="N",
         help="serve at most N connections at once (per worker process); one more is answered 503 and "
-        "closed (default: sized from the descriptor limit, ulimit -n, so that each could run git)",
+        "closed (default: sized from the descriptor limit, ulimit -Hn, so that each could run git)",
     )
     parser.add_argument(
         "--max-connections-per-address",
@@ -362,6 +362,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit("gittornado: --metrics needs prometheus_client: pip install 'gittornado[metrics]'")
     policy = load_policy(args)
     tls = tls_context(args)
+    raise_descriptor_limit()
     limits = connection_limits(args)
     sockets = listen(args)
     port = sockets[0].getsockname()[1]

@@ -32,10 +32,12 @@ ATTACKER = "127.0.0.2"
 LOW_LIMIT = 128
 
 
-def spawn_limited(services: deploy_helpers.Services, nofile: int, *args: str) -> deploy_helpers.Service:
-    """The real ``gittornado`` command with ``ulimit -n nofile``; its ``port`` read from the startup line."""
+def spawn_limited(services: deploy_helpers.Services, nofile: object, *args: str) -> deploy_helpers.Service:
+    """The real ``gittornado`` command with the descriptor limit ``nofile`` (``soft:hard``, or both); its
+    ``port`` read from the startup line."""
     prlimit = require_program("prlimit", "util-linux")
-    argv = [prlimit, f"--nofile={nofile}:{nofile}", "gittornado", "--port", "0", "--address", "127.0.0.1"]
+    limit = nofile if isinstance(nofile, str) else f"{nofile}:{nofile}"
+    argv = [prlimit, f"--nofile={limit}", "gittornado", "--port", "0", "--address", "127.0.0.1"]
     server = deploy_helpers.Service("gittornado", [*argv, *args], services._subdir("gittornado"))
     services.started.append(server)
     deadline = time.monotonic() + 20
@@ -220,6 +222,14 @@ async def test_over_the_cap_over_tls_is_answered_after_the_handshake(
         await server.close_all_connections()
     status, headers, body = parse_response(raw)
     assert status == 503 and b"too many connections (at most 1)" in body, raw
+
+
+def test_soft_descriptor_limit_is_raised_to_the_hard_one(services: deploy_helpers.Services, gitbase: Path):
+    """Like systemd's default (soft 1024, hard 524288): the caps follow the hard limit."""
+    server = spawn_limited(services, "128:256", "--gitbase", str(gitbase))
+    assert "at most 41 connections, 8 per address" in server.read(), server.read()
+    with open(f"/proc/{server.proc.pid}/limits") as f:
+        assert re.search(r"Max open files\s+256\s+256", f.read())
 
 
 def test_limits_are_sized_from_the_descriptor_limit():
