@@ -106,7 +106,6 @@ REASONS = (
     ("Unsupported Transfer-Encoding", "unsupported Transfer-Encoding (only chunked is accepted)"),
     ("Malformed HTTP request line", "malformed request line"),
     ("Unexpected HTTP version", UNSUPPORTED_VERSION),
-    ("Malformed HTTP version", UNSUPPORTED_VERSION),
     ("Invalid header", "malformed header line"),
     ("no colon in header line", "malformed header line"),
     ("header line cannot start with whitespace", "malformed header line (folded lines are not accepted)"),
