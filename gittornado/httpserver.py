@@ -52,7 +52,8 @@ The Tornado behaviours this relies on; tests/test_hostile.py fails if a Tornado 
    the same with a :class:`~gittornado.connections.PausingAcceptor` (tests/test_connections.py).
 8. ``HTTPServer`` calls ``on_close(server_conn)`` once for every connection ``handle_stream`` served, when
    it ends or is detached, with the ``HTTP1ServerConnection`` whose ``stream`` attribute is the stream;
-   ``HTTP1Connection.detach()`` inside ``headers_received`` hands the stream over and ends the connection.
+   ``HTTP1Connection.detach()`` inside ``headers_received`` hands the stream over and ends the connection
+   (tests/test_connections.py, and the 505 cases of tests/test_hostile.py).
 """
 
 from __future__ import annotations
