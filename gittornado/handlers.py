@@ -26,6 +26,7 @@ from tornado.web import HTTPError, RequestHandler
 
 from .access import AccessDenied, Grant, check_access
 from .backend import GitBackend, git_protocol
+from .httpserver import SERVER_NAME
 from .permission import Permission
 from .pipe import GitProcessPipe
 from .process import Busy, SpawnFailed
@@ -82,6 +83,10 @@ class GitRequestMixin:
         self.backend = backend
         self.in_progress = backend.requests
         self.in_progress.add(self)
+
+    def set_default_headers(self) -> None:
+        """``Server: gittornado``, not Tornado's name and exact release."""
+        self.set_header("Server", SERVER_NAME)  # type: ignore[attr-defined]
 
     async def open_repository(self, name: str, permission: Permission) -> Tuple[Repository, Grant]:
         """Resolve ``name`` and check ``permission`` on it, or raise the right HTTP error."""

@@ -1,15 +1,19 @@
-"""HardenedHTTPServer: an HTTPServer that answers broken framing and oversized heads in words.
+"""HardenedHTTPServer: an HTTPServer whose refusals are complete answers and whose connections are capped.
 
-Two kinds of bad request never reach a handler: Tornado's HTTP/1 layer answers them itself, and badly
-for a server that promises "a 4xx with a short plain-text reason" for every bad request:
+Three kinds of bad request never reach a handler: Tornado's HTTP/1 layer answers them itself, or lets
+them through, badly for a server that promises "a short plain-text reason" for every bad request:
 
 - malformed framing, request line or header lines (``HTTPInputError``): Tornado writes the bare bytes
   ``HTTP/1.1 400 Bad Request\\r\\n\\r\\n`` (no reason, no length) and closes;
 - a request line and headers longer than ``max_header_size``: the IOStream closes itself and the client
-  gets no answer at all, often a reset.
+  gets no answer at all, often a reset;
+- a request that says ``HTTP/1.2`` to ``HTTP/1.9``: Tornado serves it, and its response has neither a
+  length nor chunking on a connection that may stay open. Those get 505 (:class:`_VersionGate`), as
+  other versions do.
 
-Tornado has no hook for either, so :class:`HardenedHTTPServer` shadows three public methods of each
-connection's IOStream with instance attributes (the IOStream classes stay untouched, TLS streams alike):
+Tornado has no hook for the first two, so :class:`HardenedHTTPServer` shadows three public methods of
+each connection's IOStream with instance attributes (the IOStream classes stay untouched, TLS streams
+alike):
 
 - ``read_until_regex``: a request head is being read; until its response starts, ``write`` is watched;
 - ``write``: only from a head read until the first write of that request's response, so response
@@ -17,9 +21,14 @@ connection's IOStream with instance attributes (the IOStream classes stay untouc
 - ``close``: once per connection; when a read overran its limit and no response has started, answers
   431 if the request's head read is still pending (the head is too big), else 400 (a chunk-size line).
 
-Answers name the problem in our own words, never quoting the request. A connection we answered is
-half-closed and drained for up to :data:`LINGER_SECONDS` (:func:`close_gently`), so that a client still
-sending receives the answer instead of a reset.
+Answers name the problem in our own words, never quoting the request, and name the server without a
+version (``Server: gittornado``). A connection we answered is half-closed and drained for up to
+:data:`LINGER_SECONDS` (:func:`close_gently`), so that a client still sending receives the answer
+instead of a reset.
+
+The server also stays within its file descriptors (see :mod:`gittornado.connections`): it serves at most
+``limits.total`` connections at once and ``limits.per_address`` from one client address; one more is
+answered 503 and closed, and accepting pauses for a moment when ``accept()`` finds no descriptor left.
 
 The Tornado behaviours this relies on; tests/test_hostile.py fails if a Tornado upgrade changes one:
 
@@ -37,6 +46,14 @@ The Tornado behaviours this relies on; tests/test_hostile.py fails if a Tornado 
    the generic reason, so a changed text costs precision, not the answer.
 6. It logs each ``HTTPInputError`` on ``tornado.general`` as :data:`TORNADO_MALFORMED_LOG` with the
    arguments (connection context, error); :class:`FramingLogFilter` rewrites that line.
+7. ``TCPServer.add_sockets`` keeps each listening socket in ``_sockets`` and the remover of its accept
+   handler in ``_handlers`` (both by descriptor), which ``stop()`` calls, and passes accepted sockets to
+   ``_handle_connection``, which wraps them (TLS) and calls ``handle_stream``; :meth:`add_sockets` does
+   the same with a :class:`~gittornado.connections.PausingAcceptor` (tests/test_connections.py).
+8. ``HTTPServer`` calls ``on_close(server_conn)`` once for every connection ``handle_stream`` served, when
+   it ends or is detached, with the ``HTTP1ServerConnection`` whose ``stream`` attribute is the stream;
+   ``HTTP1Connection.detach()`` inside ``headers_received`` hands the stream over and ends the connection
+   (tests/test_connections.py, and the 505 cases of tests/test_hostile.py).
 """
 
 from __future__ import annotations
@@ -45,14 +62,25 @@ import logging
 import socket
 import sys
 from asyncio import Future
+from collections import Counter
 from http import HTTPStatus
-from typing import Any, Optional, Union, cast
+from typing import Any, Awaitable, Callable, Dict, Iterable, Optional, Tuple, Union, cast
 
+from tornado import httputil
+from tornado.http1connection import HTTP1Connection, HTTP1ServerConnection
 from tornado.httpserver import HTTPServer
 from tornado.ioloop import IOLoop
-from tornado.iostream import IOStream, UnsatisfiableReadError
+from tornado.iostream import IOStream, SSLIOStream, UnsatisfiableReadError
+
+from .connections import MAX_REFUSING, ConnectionLimits, PausingAcceptor, address_key
 
 __all__ = ["HardenedHTTPServer"]
+
+#: The ``Server`` header of every response: the name alone, no version for a scanner to match.
+SERVER_NAME = "gittornado"
+
+#: The HTTP versions served; a request line with any other gets 505.
+SERVED_VERSIONS = ("HTTP/1.0", "HTTP/1.1")
 
 #: How long a connection we answered and close may go on sending what we drop (see close_gently).
 LINGER_SECONDS = 2.0
@@ -62,6 +90,9 @@ TORNADO_BARE_400 = b"HTTP/1.1 400 Bad Request\r\n\r\n"
 
 #: What Tornado logs, at INFO on ``tornado.general``, when it catches an ``HTTPInputError`` (behaviour 6).
 TORNADO_MALFORMED_LOG = "Malformed HTTP message from %s: %s"
+
+#: What a request with an HTTP version other than :data:`SERVED_VERSIONS` is answered (with 505).
+UNSUPPORTED_VERSION = "unsupported HTTP version (HTTP/1.0 and HTTP/1.1 are served)"
 
 #: How Tornado's ``HTTPInputError`` messages begin -> the reason we send. Some messages go on to quote
 #: the request (a header value may be a password), so only the beginning is matched and never sent.
@@ -75,7 +106,7 @@ REASONS = (
     ("Message with both Transfer-Encoding and Content-Length", "both Transfer-Encoding and Content-Length"),
     ("Unsupported Transfer-Encoding", "unsupported Transfer-Encoding (only chunked is accepted)"),
     ("Malformed HTTP request line", "malformed request line"),
-    ("Unexpected HTTP version", "unsupported HTTP version (HTTP/1.0 and HTTP/1.1 are served)"),
+    ("Unexpected HTTP version", UNSUPPORTED_VERSION),
     ("Invalid header", "malformed header line"),
     ("no colon in header line", "malformed header line"),
     ("header line cannot start with whitespace", "malformed header line (folded lines are not accepted)"),
@@ -92,6 +123,11 @@ def framing_reason(error: Optional[BaseException]) -> str:
     """Our words for the ``HTTPInputError`` Tornado is handling; the generic reason for any other."""
     message = str(error) if error is not None else ""
     return next((reason for start, reason in REASONS if message.startswith(start)), GENERIC_REASON)
+
+
+def framing_status(reason: str) -> int:
+    """The status for a request Tornado refused for ``reason``: 505 for its HTTP version, else 400."""
+    return HTTPStatus.HTTP_VERSION_NOT_SUPPORTED if reason == UNSUPPORTED_VERSION else HTTPStatus.BAD_REQUEST
 
 
 class FramingLogFilter(logging.Filter):
@@ -126,7 +162,7 @@ def plain_answer(status: int, reason: str) -> bytes:
     phrase = HTTPStatus(status).phrase
     body = f"{status} {phrase}: {reason}\n".encode()
     head = (
-        f"HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n"
+        f"HTTP/1.1 {status} {phrase}\r\nServer: {SERVER_NAME}\r\nContent-Type: text/plain; charset=utf-8\r\n"
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     return head.encode() + body
@@ -167,7 +203,8 @@ class _ErrorAnswers:
         if data[:10] == b"HTTP/1.1 1":  # an interim 100 (Continue): the response is still to come
             return self.write(data)
         if data == TORNADO_BARE_400:  # written inside Tornado's except block: exc_info is its error
-            return self.answer(400, framing_reason(sys.exc_info()[1]))
+            reason = framing_reason(sys.exc_info()[1])
+            return self.answer(framing_status(reason), reason)
         self.stop_watching_writes()
         return self.write(data)
 
@@ -204,8 +241,9 @@ class _ErrorAnswers:
         vars(self.stream).pop("write", None)
 
 
-def close_gently(sock: socket.socket) -> None:
-    """Half-close ``sock``, drop what the client still sends, close it at its EOF or after a while.
+def close_gently(sock: socket.socket, on_closed: Optional[Callable[[], None]] = None) -> None:
+    """Half-close ``sock``, drop what the client still sends, close it at its EOF or after a while;
+    then call ``on_closed``.
 
     Closing a socket with unread input makes the kernel reset the connection, and a reset can destroy
     an answer the client has not read yet; a client we refuse is often still sending its request.
@@ -227,35 +265,158 @@ def close_gently(sock: socket.socket) -> None:
             loop.remove_handler(sock)
             loop.remove_timeout(timeout)
             sock.close()
+            if on_closed is not None:
+                on_closed()
 
     try:
         sock.setblocking(False)
         sock.shutdown(socket.SHUT_WR)
     except OSError:
         sock.close()
+        if on_closed is not None:
+            on_closed()
         return
     loop.add_handler(sock, drop, IOLoop.READ)
     timeout = loop.call_later(LINGER_SECONDS, close)
 
 
+class _VersionGate(httputil.HTTPMessageDelegate):
+    """Answers 505 to a request whose HTTP version is not served; passes every other on to ``delegate``.
+
+    Tornado serves ``HTTP/1.2`` to ``HTTP/1.9`` as if they were HTTP/1.0, with a response that has neither
+    a length nor chunking on a connection the client may keep open: the client cannot tell where it ends.
+    """
+
+    def __init__(
+        self, delegate: httputil.HTTPMessageDelegate, connection: HTTP1Connection, answers: _ErrorAnswers
+    ) -> None:
+        self.delegate = delegate
+        self.connection = connection
+        self.answers = answers
+        self.passed = False
+
+    def headers_received(
+        self,
+        start_line: Union[httputil.RequestStartLine, httputil.ResponseStartLine],
+        headers: httputil.HTTPHeaders,
+    ) -> Optional[Awaitable[None]]:
+        if start_line.version in SERVED_VERSIONS:
+            self.passed = True
+            return self.delegate.headers_received(start_line, headers)
+        stream = self.connection.detach()  # Tornado reads and writes nothing more on this connection
+        self.answers.answer(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, UNSUPPORTED_VERSION)
+        stream.close()  # gently, since answered (see _ErrorAnswers.close_with_answer)
+        return None
+
+    def data_received(self, chunk: bytes) -> Optional[Awaitable[None]]:
+        return self.delegate.data_received(chunk)
+
+    def finish(self) -> None:
+        self.delegate.finish()
+
+    def on_connection_close(self) -> None:
+        if self.passed:
+            self.delegate.on_connection_close()
+
+
 class HardenedHTTPServer(HTTPServer):
-    """An ``HTTPServer`` whose own refusals are complete plain-text answers.
+    """An ``HTTPServer`` whose own refusals are complete plain-text answers, and that stays within its
+    file descriptors.
 
     Broken framing (chunk sizes, ``Content-Length``, ``Transfer-Encoding``), a malformed request line or
-    header line get ``400`` and a request head over ``max_header_size`` gets ``431``, each with
-    ``Content-Type: text/plain``, ``Content-Length``, ``Connection: close`` and a one-line reason, instead
-    of Tornado's bare 400 or a silent close. Tornado's log line for such a request names the problem in the
-    same words, never quoting the request (:class:`FramingLogFilter`). Takes the same arguments as
+    header line get ``400``, a request head over ``max_header_size`` gets ``431`` and an HTTP version other
+    than 1.0 and 1.1 gets ``505``, each with ``Content-Type: text/plain``, ``Content-Length``,
+    ``Connection: close`` and a one-line reason, instead of Tornado's bare 400, a silent close or an
+    unframed response. Tornado's log line for such a request names the problem in the same words, never
+    quoting the request (:class:`FramingLogFilter`).
+
+    ``limits`` caps the connections served at once (default: sized from RLIMIT_NOFILE, see
+    :meth:`ConnectionLimits.sized <gittornado.connections.ConnectionLimits.sized>`; not per address with
+    ``xheaders``, where every connection comes from the proxy). A connection over a cap is answered
+    ``503`` and closed; accepting pauses when descriptors run out. Takes the other arguments of
     ``HTTPServer``.
     """
 
-    def initialize(self, *args: Any, **kwargs: Any) -> None:
+    def initialize(self, *args: Any, limits: Optional[ConnectionLimits] = None, **kwargs: Any) -> None:
         """Set up as ``HTTPServer`` does, and install :class:`FramingLogFilter` (once per process): the
         filter must be in place before the first request, and every server is initialized before that."""
         super().initialize(*args, **kwargs)
         install_framing_log_filter()
+        self.limits = limits or ConnectionLimits.sized(by_address=not self.xheaders)
+        #: The connections being served: stream -> (its per-address key, its hooks).
+        self.served: Dict[IOStream, Tuple[str, _ErrorAnswers]] = {}
+        self.per_address: Counter[str] = Counter()
+        #: Connections over a cap whose answer is still going out (each holds a descriptor).
+        self.refusing = 0
+
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
+        """Accept on ``sockets`` as ``TCPServer`` does (behaviour 7), but with accepting that pauses
+        when descriptors run out instead of failing again at once."""
+        for sock in sockets:
+            self._sockets[sock.fileno()] = sock
+            self._handlers[sock.fileno()] = PausingAcceptor(sock, self._handle_connection).stop
 
     def handle_stream(self, stream: IOStream, address: tuple) -> None:
-        """Prepare the connection's stream (see the module docstring), then serve it as Tornado does."""
-        _ErrorAnswers(stream)
+        """Refuse the connection if it is over a cap; else prepare its stream (see the module
+        docstring), then serve it as Tornado does."""
+        key = address_key(address)
+        if len(self.served) >= self.limits.total:
+            self.refuse(stream, f"too many connections (at most {self.limits.total}); try again later")
+            return
+        if self.limits.per_address is not None and self.per_address[key] >= self.limits.per_address:
+            self.refuse(
+                stream,
+                f"too many connections from your address (at most {self.limits.per_address}); "
+                "try again later",
+            )
+            return
+        self.served[stream] = (key, _ErrorAnswers(stream))
+        self.per_address[key] += 1
         super().handle_stream(stream, address)
+
+    def on_close(self, server_conn: object) -> None:
+        """A connection ended (behaviour 8): it no longer counts against the caps."""
+        super().on_close(server_conn)
+        key, _ = self.served.pop(cast(HTTP1ServerConnection, server_conn).stream)
+        self.per_address[key] -= 1
+        if not self.per_address[key]:
+            del self.per_address[key]
+
+    def start_request(
+        self, server_conn: object, request_conn: httputil.HTTPConnection
+    ) -> httputil.HTTPMessageDelegate:
+        """Tornado's delegate for the request, behind a :class:`_VersionGate`."""
+        delegate = super().start_request(server_conn, request_conn)
+        _, answers = self.served[cast(HTTP1ServerConnection, server_conn).stream]
+        return _VersionGate(delegate, cast(HTTP1Connection, request_conn), answers)
+
+    def refuse(self, stream: IOStream, reason: str) -> None:
+        """Answer a connection over a cap with 503 and close it, or close it at once when
+        :data:`~gittornado.connections.MAX_REFUSING` answers are already going out."""
+        if self.refusing >= MAX_REFUSING:
+            stream.close()
+            return
+        self.refusing += 1
+        answer = plain_answer(HTTPStatus.SERVICE_UNAVAILABLE, reason)
+        if isinstance(stream, SSLIOStream):  # the answer goes out after the TLS handshake, if it ends soon
+            loop = IOLoop.current()
+            timeout = loop.call_later(LINGER_SECONDS, stream.close)
+
+            def written(future: Future[None]) -> None:
+                future.exception()  # a closed stream is an outcome here, not an error to log
+                loop.remove_timeout(timeout)
+                stream.close()
+                self.refusing -= 1
+
+            stream.write(answer).add_done_callback(written)
+            return
+        sock = stream.socket  # a fresh connection's send buffer holds the answer whole
+        try:
+            sock.send(answer)
+        except OSError:
+            pass
+        close_gently(sock, self.refused)
+
+    def refused(self) -> None:
+        """A refused connection is closed."""
+        self.refusing -= 1

@@ -28,6 +28,7 @@ from tornado.web import Application
 from . import __version__
 from .access import AccessPolicy, ReadOnlyPolicy
 from .backend import MAX_FETCH_BODY_SIZE, GitBackend
+from .connections import ConnectionLimits, raise_descriptor_limit
 from .handlers import NotFoundHandler
 from .httpserver import HardenedHTTPServer
 from .observe import Metrics, RequestObserver
@@ -167,6 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
         "here %(default)s)",
     )
     parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve at most N connections at once (per worker process); one more is answered 503 and "
+        "closed (default: sized from the descriptor limit, ulimit -Hn, so that each could run git)",
+    )
+    parser.add_argument(
+        "--max-connections-per-address",
+        type=int,
+        default=None,
+        metavar="N",
+        help="serve at most N connections at once from one client address (IPv6: one /64), per worker "
+        "process (default: a tenth of --max-connections, at least 8); not with --xheaders, where every "
+        "connection comes from the proxy: limit clients in the proxy",
+    )
+    parser.add_argument(
         "--metrics",
         action="store_true",
         help="serve Prometheus metrics at <prefix>/metrics, without authentication and without "
@@ -245,7 +263,30 @@ def tls_context(args: argparse.Namespace) -> Optional[ssl.SSLContext]:
     return context
 
 
-def startup_line(args: argparse.Namespace, root: str, port: int, tls: bool, processes: int) -> str:
+def connection_limits(args: argparse.Namespace) -> ConnectionLimits:
+    """The caps on connections the options ask for, the others sized from the descriptor limit."""
+    for option, value in (
+        ("--max-connections", args.max_connections),
+        ("--max-connections-per-address", args.max_connections_per_address),
+    ):
+        if value is not None and value < 1:
+            raise SystemExit(f"gittornado: {option} must be 1 or more")
+    if args.xheaders and args.max_connections_per_address is not None:
+        raise SystemExit(
+            "gittornado: --max-connections-per-address does not apply with --xheaders (every connection "
+            "comes from the proxy); limit connections per client in the proxy (nginx: limit_conn)"
+        )
+    return ConnectionLimits.sized(
+        git_processes=args.max_git_processes,
+        total=args.max_connections,
+        per_address=args.max_connections_per_address,
+        by_address=not args.xheaders,
+    )
+
+
+def startup_line(
+    args: argparse.Namespace, root: str, port: int, tls: bool, processes: int, limits: ConnectionLimits
+) -> str:
     """The one line printed on startup; tests and scripts read the URL (and port) from it."""
     host = args.address or "0.0.0.0"
     if ":" in host:
@@ -255,6 +296,8 @@ def startup_line(args: argparse.Namespace, root: str, port: int, tls: bool, proc
     notes = [access]
     if processes > 1:
         notes.append(f"{processes} worker processes")
+    per_address = f", {limits.per_address} per address" if limits.per_address is not None else ""
+    notes.append(f"at most {limits.total} connections{per_address}{' per worker' if processes > 1 else ''}")
     return f"gittornado {__version__} serving {root} at {url} ({'; '.join(notes)})"
 
 
@@ -263,6 +306,7 @@ async def serve(
     sockets: List[socket.socket],
     policy: AccessPolicy,
     tls: Optional[ssl.SSLContext],
+    limits: ConnectionLimits,
     metrics_dir: Optional[str] = None,
 ) -> None:
     """Serve on ``sockets`` until SIGTERM or SIGINT, then shut down gracefully.
@@ -293,6 +337,7 @@ async def serve(
         idle_connection_timeout=args.header_timeout,
         # Read request bodies in pieces as large as git's read side of a pipe takes.
         chunk_size=CHUNK_SIZE,
+        limits=limits,
     )
     server.add_sockets(sockets)
 
@@ -385,9 +430,11 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit("gittornado: --metrics needs prometheus_client: pip install 'gittornado[metrics]'")
     policy = load_policy(args)
     tls = tls_context(args)
+    raise_descriptor_limit()
+    limits = connection_limits(args)
     sockets = listen(args)
     port = sockets[0].getsockname()[1]
-    print(startup_line(args, root, port, tls is not None, processes), flush=True)
+    print(startup_line(args, root, port, tls is not None, processes, limits), flush=True)
     metrics_dir = None
     if processes > 1:
         metrics_dir = share_metrics() if args.metrics else None
@@ -399,7 +446,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
         if worker is None:
             return
-    asyncio.run(serve(args, sockets, policy, tls, metrics_dir))
+    asyncio.run(serve(args, sockets, policy, tls, limits, metrics_dir))
 
 
 if __name__ == "__main__":

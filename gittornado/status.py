@@ -5,9 +5,18 @@ from __future__ import annotations
 from tornado.web import RequestHandler
 
 from .backend import GitBackend
+from .httpserver import SERVER_NAME
 
 
-class HealthHandler(RequestHandler):
+class StatusHandler(RequestHandler):
+    """Base of the endpoints here: they name the server as every gittornado response does."""
+
+    def set_default_headers(self) -> None:
+        """``Server: gittornado``, not Tornado's name and exact release."""
+        self.set_header("Server", SERVER_NAME)
+
+
+class HealthHandler(StatusHandler):
     """``GET /healthz`` for load balancers: answers while the server is serving."""
 
     SUPPORTED_METHODS = ("GET", "HEAD")
@@ -21,7 +30,7 @@ class HealthHandler(RequestHandler):
         self.get()
 
 
-class MetricsHandler(RequestHandler):
+class MetricsHandler(StatusHandler):
     """``GET /metrics``: Prometheus text format, no authentication, no repository names."""
 
     SUPPORTED_METHODS = ("GET",)

@@ -35,10 +35,68 @@ def test_help_lists_every_option():
         "--accessfile",
         "--realm",
         "--max-body-size",
+        "--max-connections",
+        "--max-connections-per-address",
         "--log-level",
     ):
         assert option in result.stdout
     assert "nobody may push" in result.stdout
+    assert "not with --xheaders" in " ".join(result.stdout.split())
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--xheaders", "--max-connections-per-address", "5"], "does not apply with --xheaders"),
+        (["--max-connections", "0"], "--max-connections must be 1 or more"),
+        (["--max-connections-per-address", "-1"], "--max-connections-per-address must be 1 or more"),
+    ],
+)
+def test_bad_connection_caps_are_a_clear_error(args, words, tmp_path: Path):
+    result = subprocess.run(
+        ["gittornado", "--port", "0", "--gitbase", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode != 0 and words in result.stderr and "Traceback" not in result.stderr
+
+
+def test_caps_show_in_the_startup_line(spawn_server, gitbase: Path):
+    """As given, and without a per-address cap behind a proxy (--xheaders)."""
+    server = spawn_server("--gitbase", str(gitbase), "--max-connections", "50")
+    assert "at most 50 connections, 8 per address)" in server.startup_line
+    proxied = spawn_server("--gitbase", str(gitbase), "--xheaders", "--max-connections", "50")
+    assert "at most 50 connections)" in proxied.startup_line
+
+
+#: One request for each kind of response: handlers, dumb files, errors, the 404 outside the routes, the
+#: status endpoints, and the answers of gittornado/httpserver.py (broken framing, an HTTP version).
+EVERY_KIND = {
+    "info-refs": (b"GET /proj.git/info/refs?service=git-upload-pack", 200),
+    "dumb-file": (b"GET /proj.git/HEAD", 200),
+    "no-such-repository": (b"GET /nope.git/info/refs?service=git-upload-pack", 404),
+    "push-refused": (b"GET /proj.git/info/refs?service=git-receive-pack", 403),
+    "outside-the-routes": (b"GET /elsewhere", 404),
+    "healthz": (b"GET /healthz", 200),
+    "metrics": (b"GET /metrics", 200),
+    "method-not-allowed": (b"DELETE /proj.git/HEAD", 405),
+    "broken-framing": (b"GET /proj.git/HEAD HTTP/1.1\r\nHost: x\r\nX-Bad\x01: y", 400),
+    "http-1.5": (b"GET /proj.git/HEAD HTTP/1.5\r\nHost: x", 505),
+}
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_every_response_names_gittornado_without_a_version(spawn_server, repo: Path, gitbase: Path):
+    server = spawn_server("--gitbase", str(gitbase), "--metrics")
+    for kind, (start, expected) in EVERY_KIND.items():
+        if b"HTTP/1." not in start:
+            start += b" HTTP/1.1\r\nHost: x"
+        raw = await raw_http(server.port, start + b"\r\nConnection: close\r\n\r\n")
+        status, headers, _ = parse_response(raw)
+        assert status == expected, (kind, raw[:300])
+        assert headers.get("server") == "gittornado", (kind, raw[:300])
+        assert b"Tornado" not in raw.partition(b"\r\n\r\n")[0], (kind, raw[:300])
 
 
 def test_bad_gitbase_is_a_clear_error(tmp_path: Path):

@@ -166,6 +166,7 @@ def assert_plain_answer(raw: bytes, status: int, words: str) -> None:
     assert headers["content-type"] == "text/plain; charset=utf-8", raw[:300]
     assert headers["connection"] == "close", raw[:300]
     assert int(headers["content-length"]) == len(body), raw[:300]
+    assert headers["server"] == "gittornado", raw[:300]
     text = body.decode()
     assert text.startswith(f"{status} ") and text.count("\n") == 1 and text.endswith("\n"), body
     assert words.lower() in text.lower(), body
@@ -237,11 +238,6 @@ BROKEN_FRAMING = {
         lambda t: b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64) + b"\r\n\r\n",
         "malformed request line",
     ),
-    "http2-preface": (lambda t: b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "unsupported HTTP version"),
-    "http-version-9": (
-        lambda t: b"GET /proj.git/HEAD HTTP/9.9\r\nHost: x\r\n\r\n",
-        "unsupported HTTP version",
-    ),
     "header-without-colon": (lambda t: get("/proj.git/HEAD", b"NoColonHere"), "malformed header line"),
     "header-name-with-space": (lambda t: get("/proj.git/HEAD", b"No Token: x"), "malformed header line"),
     "header-folded": (lambda t: get("/proj.git/HEAD", b"X-A: b", b" folded"), "folded lines"),
@@ -278,6 +274,29 @@ async def test_broken_framing_is_a_400_with_the_reason(
     assert_plain_answer(raw, 400, words)
     # Our own words, never the request's (gittornado/httpserver.py REASONS).
     assert request.split(b"\r\n")[0] not in raw and SECRET not in raw, raw
+    await unharmed()
+
+
+#: Request lines with an HTTP version other than 1.0 and 1.1. Tornado serves HTTP/1.2 to 1.9 (with a
+#: response that has neither a length nor chunking) and refuses the others itself.
+OTHER_VERSIONS = {
+    "1.2-kept-alive": b"GET /proj.git/info/refs?service=git-upload-pack HTTP/1.2\r\nHost: x\r\n"
+    b"Connection: keep-alive\r\n\r\n",
+    "1.9": b"GET /proj.git/info/refs?service=git-upload-pack HTTP/1.9\r\nHost: x\r\n\r\n",
+    "1.5-push": b"POST /proj.git/git-receive-pack HTTP/1.5\r\nHost: x\r\nConnection: keep-alive\r\n"
+    b"Content-Type: application/x-git-receive-pack-request\r\nContent-Length: 4\r\n\r\n0000",
+    "2.0-preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "9.9": b"GET /proj.git/HEAD HTTP/9.9\r\nHost: x\r\n\r\n",
+}
+
+
+@pytest.mark.gen_test(timeout=60)
+@pytest.mark.parametrize("case", list(OTHER_VERSIONS))
+async def test_other_http_versions_are_a_505(case: str, http_port: int, unharmed: Unharmed):
+    """A complete 505 answer and a closed connection; git never runs."""
+    raw, ended = await exchange(http_port, OTHER_VERSIONS[case])
+    assert ended != "hung"
+    assert_plain_answer(raw, 505, "unsupported HTTP version")
     await unharmed()
 
 
