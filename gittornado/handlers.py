@@ -265,6 +265,7 @@ class GitHandler(GitRequestMixin, RequestHandler):
             raise RetryLater("No room to hold git's answer; retry shortly", 10) from None
         stream = self.request.connection.stream  # type: ignore[union-attr]
         relay = OutputRelay(pipe.output, stream, self.request.version == "HTTP/1.1")
+        headers_sent = False
         try:
             length = await relay.wait_output()
             if not length and not pipe.aborted:
@@ -281,6 +282,7 @@ class GitHandler(GitRequestMixin, RequestHandler):
             self._transforms = []
             self.write(prefix)
             await self.flush()  # the headers, and the prefix framed by Tornado
+            headers_sent = True
             while length:
                 self.bytes_out += length
                 if tee is not None:
@@ -292,6 +294,11 @@ class GitHandler(GitRequestMixin, RequestHandler):
             log.info("%s: client went away mid-transfer", self.repository)
             pipe.abort()
             return False
+        except Exception:
+            pipe.abort()
+            if headers_sent:  # the server failed, not git: cut the response, so it cannot look complete
+                self.request.connection.close()  # type: ignore[union-attr]
+            raise
         finally:
             relay.close()
         if pipe.aborted:
