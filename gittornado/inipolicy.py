@@ -177,7 +177,8 @@ class FailureThrottle:
                 raise AccessDenied(429, "Too many failed logins", retry_after=max(1, retry_after))
         for key, _, limit in counters:
             self._add(key, limit, 1, now)
-        steps = max(int(level) - free for (_, free, _), level in zip(counters, levels))
+        # A failure counts whole until it has leaked away entirely (ceil), give or take float error.
+        steps = max(math.ceil(level - 1e-9) - free for (_, free, _), level in zip(counters, levels))
         if steps >= 0:
             await asyncio.sleep(min(self.delay * 2**steps, self.max_delay))
 
@@ -314,36 +315,39 @@ class CheckCosts:
 
     A setting (:func:`~gittornado.passwords.hash_setting`) is measured the
     first time a rejection needs it, by checking a wrong password against one
-    of its hashes in the verifier's pool; every real check then updates the
-    estimate, so it follows the machine's load.
+    of its hashes in the verifier's pool.  Real checks can only raise the
+    estimate (when the machine is busy), never lower it below that
+    measurement: a client could otherwise send passwords that fail fast (a NUL
+    byte, which bcrypt refuses unchecked) to shorten every rejection.
     """
 
     def __init__(self, verifier: FairVerifier) -> None:
         self._verifier = verifier
-        self._seconds: Dict[str, float] = {}
+        self._measured: Dict[str, float] = {}
+        self._recent: Dict[str, float] = {}
         self._measuring: Dict[str, asyncio.Future] = {}
 
     def observe(self, setting: str, seconds: float) -> None:
-        """Count one check of ``setting`` that took ``seconds``."""
-        known = self._seconds.get(setting)
-        self._seconds[setting] = seconds if known is None else 0.8 * known + 0.2 * seconds
+        """Count one real check of ``setting`` that took ``seconds``."""
+        recent = self._recent.get(setting)
+        self._recent[setting] = seconds if recent is None else 0.8 * recent + 0.2 * seconds
 
     async def slowest(self, samples: Mapping[str, str]) -> float:
         """Seconds a check of the slowest setting in ``samples`` (setting -> one of its hashes) takes."""
-        missing = [setting for setting in samples if setting not in self._seconds]
+        missing = [setting for setting in samples if setting not in self._measured]
         for setting in missing:
             if setting not in self._measuring:
                 self._measuring[setting] = asyncio.ensure_future(self._measure(setting, samples[setting]))
         if missing:
             measuring = [self._measuring[setting] for setting in missing if setting in self._measuring]
             await asyncio.gather(*map(asyncio.shield, measuring), return_exceptions=True)
-        return max((self._seconds.get(setting, 0.0) for setting in samples), default=0.0)
+        return max((max(self._measured.get(s, 0.0), self._recent.get(s, 0.0)) for s in samples), default=0.0)
 
     async def _measure(self, setting: str, hashed: str) -> None:
         try:
-            check = functools.partial(_timed_check, secrets.token_bytes(16), hashed)
+            check = functools.partial(_timed_check, secrets.token_hex(16).encode(), hashed)
             _, _, seconds = await self._verifier.run("(measuring)", check)
-            self.observe(setting, seconds)
+            self._measured[setting] = seconds
         finally:
             del self._measuring[setting]
 
