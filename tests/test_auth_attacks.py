@@ -78,21 +78,22 @@ async def attempt(
 
 @pytest.fixture
 def checks(monkeypatch) -> Dict[str, Any]:
-    """Watches the real password check: which passwords it saw, and how many ran at once."""
+    """Watches the real password check: which passwords it saw, and how many guesses ran at once."""
     seen: Dict[str, Any] = {"passwords": [], "running": 0, "most": 0}
     lock = threading.Lock()
     real = gittornado.inipolicy.verify_password
 
     def watched(password: bytes, hashed: str) -> bool:
+        guess = password.startswith(b"guess-")  # not the server's own measuring of the hashes
         with lock:
             seen["passwords"].append(password)
-            seen["running"] += 1
+            seen["running"] += guess
             seen["most"] = max(seen["most"], seen["running"])
         try:
             return real(password, hashed)
         finally:
             with lock:
-                seen["running"] -= 1
+                seen["running"] -= guess
 
     monkeypatch.setattr(gittornado.inipolicy, "verify_password", watched)
     return seen
@@ -237,7 +238,7 @@ def test_addresses_are_grouped_by_what_one_client_owns() -> None:
 async def test_a_whole_ipv6_64_counts_as_one_client(tmp_path: Path) -> None:
     path = tmp_path / "users.ini"
     path.write_text(ACCESS)
-    policy = IniPolicy(str(path), throttle=FailureThrottle(free=3, limit=3, address_limit=4))
+    policy = IniPolicy(str(path), throttle=FailureThrottle(free=3, limit=3))
     for i in range(3):  # each guess from another address of the same /64
         with pytest.raises(AuthenticationFailed):
             await policy.authenticate(fake_request("bob", f"guess-{i}", address=f"2001:db8:0:7::{i + 1}"))
