@@ -1,7 +1,9 @@
-"""IniPolicy: the access policy of a users.ini file (hash checks, throttle, credential cache, reloading).
+"""IniPolicy: the access policy of a users.ini file (hash checks, throttle, credential caches, reloading).
 
 Users with htpasswd hashes, groups and per-repository ``r``/``rw`` rules, as
 :mod:`gittornado.usersfile` reads them, behind HTTP Basic authentication.
+README.md's "Access control" section says what an attacker can and cannot do
+against these rules; the classes here implement exactly that.
 """
 
 from __future__ import annotations
@@ -9,26 +11,30 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
+import ipaddress
 import logging
 import math
 import os
 import secrets
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, Tuple
+from typing import Callable, Deque, Dict, Mapping, Optional, Tuple, TypeVar
 
 from tornado.httputil import HTTPServerRequest
 
 from .access import AccessDenied, AccessPolicy, AuthenticationFailed
-from .passwords import hash_scheme, verify_password
+from .passwords import hash_scheme, hash_setting, verify_password
 from .permission import Permission
 from .usersfile import AccessFileError, AccessRules, load_access_file
 
 #: Not "gittornado.access": that name is the per-request access log.
 log = logging.getLogger("gittornado.auth")
+
+T = TypeVar("T")
 
 
 def basic_credentials(header: Optional[str]) -> Optional[Tuple[str, bytes]]:
@@ -53,16 +59,48 @@ def basic_credentials(header: Optional[str]) -> Optional[Tuple[str, bytes]]:
     return user, password
 
 
-class FailureThrottle:
-    """Slows down, then refuses, a client address that keeps sending wrong passwords.
+def client_group(address: str) -> str:
+    """The name the throttle and the verifier know a client address by.
 
-    The first ``free`` failures cost nothing (people mistype); each later
-    attempt waits ``delay`` seconds, doubling up to ``max_delay``; from
-    ``limit`` failures on, the address gets 429 with ``Retry-After`` until
-    ``window`` seconds after its last failure, when it is forgotten.  At most
-    ``max_clients`` addresses are remembered, least recently failed dropped
-    first, so a scan from many addresses cannot grow it without bound.  Other
-    addresses are never affected.
+    IPv4 addresses count one by one; IPv6 addresses by their /64 network,
+    because whoever has one address of a /64 (a home, a cloud instance)
+    usually has all 2**64 of them.  An IPv4-mapped IPv6 address counts as the
+    IPv4 address; anything that is not an address is used as it is.
+    """
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone (fe80::1%eth0)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+class FailureThrottle:
+    """Counts failed logins per client and per (client, user); slows them down, then refuses them.
+
+    A client is an address group (:func:`client_group`).  Each attempt is
+    counted when it is admitted, before its password is checked, and given
+    back (:meth:`forgive`) when the password was right, so a burst of parallel
+    guesses is counted as it arrives, not after its checks finish.
+
+    Two counters hold each attempt, and each is a leaky bucket that forgets
+    its whole limit over ``window`` seconds (one failure every
+    ``window / limit`` seconds), so occasional typos never add up:
+
+    * per (client, user name): the first ``free`` failures cost nothing, later
+      attempts wait ``delay`` seconds, doubling up to ``max_delay``; at
+      ``limit`` that name is refused (429 with ``Retry-After``) from that client;
+    * per client, all names together: the same with ``address_free`` (default
+      ``4 * free``) and ``address_limit`` (default ``5 * limit``), which stops
+      a client trying one password on many names.  ``address_limit`` exceeds
+      ``limit``, so one user's failures never lock out other users of the
+      client's address.
+
+    At most ``max_clients`` counters are kept, least recently used dropped
+    first.  User names are kept as digests, so long names cost no memory.
     """
 
     def __init__(
@@ -71,60 +109,90 @@ class FailureThrottle:
         limit: int = 20,
         delay: float = 0.25,
         max_delay: float = 4.0,
-        window: float = 300.0,
+        window: float = 3600.0,
         max_clients: int = 10000,
         clock: Callable[[], float] = time.monotonic,
+        *,
+        address_free: Optional[int] = None,
+        address_limit: Optional[int] = None,
     ) -> None:
         self.free = free
         self.limit = limit
         self.delay = delay
         self.max_delay = max_delay
         self.window = window
+        self.address_free = address_free if address_free is not None else 4 * free
+        self.address_limit = address_limit if address_limit is not None else 5 * limit
+        if self.address_limit <= limit:
+            raise ValueError("address_limit must exceed limit, or one user could lock out an address")
         self.max_clients = max_clients
         self._clock = clock
-        self._failures: OrderedDict[str, Tuple[int, float]] = OrderedDict()
+        #: counter key -> (failures, when last updated)
+        self._levels: OrderedDict[Tuple[str, ...], Tuple[float, float]] = OrderedDict()
 
     def __len__(self) -> int:
-        return len(self._failures)
+        return len(self._levels)
 
-    def failures(self, address: str) -> int:
-        """Recent failures from ``address`` (0 once its window has passed)."""
-        entry = self._failures.get(address)
+    def _counters(self, client: str, user: Optional[str]) -> Tuple[Tuple[Tuple[str, ...], int, int], ...]:
+        """(key, free, limit) of the counters an attempt of ``user`` from ``client`` goes into."""
+        address = (("address", client), self.address_free, self.address_limit)
+        if user is None:
+            return (address,)
+        name = hashlib.sha256(user.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+        return (address, (("user", client, name), self.free, self.limit))
+
+    def _level(self, key: Tuple[str, ...], limit: int, now: float) -> float:
+        entry = self._levels.get(key)
         if entry is None:
-            return 0
-        if self._clock() - entry[1] >= self.window:
-            del self._failures[address]
-            return 0
-        return entry[0]
+            return 0.0
+        level, updated = entry
+        return max(0.0, level - (now - updated) * limit / self.window)
 
-    async def admit(self, address: str) -> None:
-        """Wait as long as ``address`` has earned, or raise a 429 :class:`AccessDenied`."""
-        count = self.failures(address)
-        if count >= self.free:
-            self._refuse_if_blocked(address)
-            await asyncio.sleep(min(self.delay * 2 ** (count - self.free), self.max_delay))
-            # Parallel attempts may have used up the rest of the allowance meanwhile.
-            self._refuse_if_blocked(address)
+    def _add(self, key: Tuple[str, ...], limit: int, amount: float, now: float) -> None:
+        level = self._level(key, limit, now) + amount
+        if level <= 0:
+            self._levels.pop(key, None)
+            return
+        self._levels[key] = (level, now)
+        self._levels.move_to_end(key)
+        while len(self._levels) > self.max_clients:
+            self._levels.popitem(last=False)
 
-    def failed(self, address: str) -> None:
-        """Count one more failure from ``address``."""
-        self._failures[address] = (self.failures(address) + 1, self._clock())
-        self._failures.move_to_end(address)
-        while len(self._failures) > self.max_clients:
-            self._failures.popitem(last=False)
+    def failures(self, client: str, user: Optional[str] = None) -> float:
+        """Failures ``client`` is charged with: for ``user``, or for all names together."""
+        key, _, limit = self._counters(client, user)[-1]
+        return self._level(key, limit, self._clock())
 
-    def _refuse_if_blocked(self, address: str) -> None:
-        if self.failures(address) >= self.limit:
-            last = self._failures[address][1]
-            retry_after = max(1, math.ceil(last + self.window - self._clock()))
-            raise AccessDenied(429, "Too many failed logins", retry_after=retry_after)
+    async def admit(self, client: str, user: str) -> None:
+        """Count an attempt of ``user`` from ``client`` and wait what it has earned.
+
+        Raises a 429 :class:`AccessDenied` (nothing counted) when a counter is full.
+        """
+        now = self._clock()
+        counters = self._counters(client, user)
+        levels = [self._level(key, limit, now) for key, _, limit in counters]
+        for (_, _, limit), level in zip(counters, levels):
+            if level > limit - 1:
+                retry_after = math.ceil((level - (limit - 1)) * self.window / limit)
+                raise AccessDenied(429, "Too many failed logins", retry_after=max(1, retry_after))
+        for key, _, limit in counters:
+            self._add(key, limit, 1, now)
+        # A failure counts whole until it has leaked away entirely (ceil), give or take float error.
+        steps = max(math.ceil(level - 1e-9) - free for (_, free, _), level in zip(counters, levels))
+        if steps >= 0:
+            await asyncio.sleep(min(self.delay * 2**steps, self.max_delay))
+
+    def forgive(self, client: str, user: str) -> None:
+        """Give back the attempt :meth:`admit` counted: its password was right."""
+        now = self._clock()
+        for key, _, limit in self._counters(client, user):
+            self._add(key, limit, -1, now)
 
 
-class VerifiedCredentials:
-    """Recently verified (user, password) pairs, so a clone costs one hash check, not one per request.
+class CredentialMemory:
+    """(user, password) pairs seen recently, keyed by HMAC-SHA256 under a random per-process key.
 
-    Entries are keyed by HMAC-SHA256 under a random per-process key: the cache
-    never holds a password, nor anything a guess could be tested against
+    It never holds a password, nor anything a guess could be tested against
     offline.  Entries expire after ``ttl`` seconds; at most ``size`` are kept.
     """
 
@@ -137,10 +205,11 @@ class VerifiedCredentials:
         self._key = secrets.token_bytes(32)
         self._expiry: OrderedDict[bytes, float] = OrderedDict()
 
-    def key(self, user: str, password: bytes) -> bytes:
-        """The cache key for these credentials."""
-        name = user.encode("utf-8")
-        return hmac.new(self._key, len(name).to_bytes(4, "big") + name + password, hashlib.sha256).digest()
+    def key(self, user: str, password: bytes, client: str = "") -> bytes:
+        """The key for these credentials (sent from ``client``, when that matters)."""
+        fields = [client.encode("utf-8", "surrogatepass"), user.encode("utf-8", "surrogatepass"), password]
+        message = b"".join(len(field).to_bytes(4, "big") + field for field in fields)
+        return hmac.new(self._key, message, hashlib.sha256).digest()
 
     def __contains__(self, key: bytes) -> bool:
         expiry = self._expiry.get(key)
@@ -152,7 +221,7 @@ class VerifiedCredentials:
         return True
 
     def add(self, key: bytes) -> None:
-        """Remember a successful verification."""
+        """Remember these credentials for ``ttl`` seconds."""
         self._expiry[key] = self._clock() + self.ttl
         self._expiry.move_to_end(key)
         while len(self._expiry) > self.size:
@@ -161,6 +230,126 @@ class VerifiedCredentials:
     def clear(self) -> None:
         """Forget everything (the file changed: a password may have, too)."""
         self._expiry.clear()
+
+
+class VerifiedCredentials(CredentialMemory):
+    """Recently verified credentials, so a clone costs one hash check, not one per request."""
+
+
+class FailedCredentials(CredentialMemory):
+    """Recently refused credentials per client, so a client resending them costs no check and no count.
+
+    libgit2 resends a refused password many times per operation, JGit a few:
+    counted each time, one typo would throttle the whole address.
+    """
+
+
+class FairVerifier:
+    """Runs password checks in a small thread pool, taking turns between clients.
+
+    Each client (:func:`client_group`) has its own queue and at most
+    ``per_client`` checks running; a free thread takes the next check of the
+    next client in turn, so a client with many queued guesses delays another
+    client's login by about one check, not by its whole queue.  The pool is
+    created on first use, so a server that forks starts no thread before.
+    """
+
+    def __init__(self, workers: int = 2, per_client: int = 2) -> None:
+        self.workers = workers
+        self.per_client = per_client
+        self._executor: Optional[ThreadPoolExecutor] = None
+        self._running: Dict[str, int] = {}
+        self._queues: OrderedDict[str, Deque[Tuple[Callable[[], object], asyncio.Future]]] = OrderedDict()
+
+    async def run(self, client: str, check: Callable[[], T]) -> T:
+        """Run ``check`` in the pool, in ``client``'s turn; its result."""
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._queues.setdefault(client, deque()).append((check, done))
+        self._start_checks()
+        return await done
+
+    def _start_checks(self) -> None:
+        while sum(self._running.values()) < self.workers:
+            for client in self._queues:
+                if self._running.get(client, 0) < self.per_client:
+                    break
+            else:
+                return
+            queue = self._queues.pop(client)
+            check, done = queue.popleft()
+            if queue:
+                self._queues[client] = queue  # at the end: the others go first next time
+            if done.cancelled():
+                continue
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="gittornado-passwords")
+            self._running[client] = self._running.get(client, 0) + 1
+            running = asyncio.wrap_future(self._executor.submit(check))
+            running.add_done_callback(lambda finished, c=client, d=done: self._finished(c, finished, d))
+
+    def _finished(self, client: str, finished: asyncio.Future, done: asyncio.Future) -> None:
+        self._running[client] -= 1
+        if not self._running[client]:
+            del self._running[client]
+        if not done.done():
+            error = finished.exception()
+            if error is not None:
+                done.set_exception(error)
+            else:
+                done.set_result(finished.result())
+        self._start_checks()
+
+
+def _timed_check(password: bytes, hashed: Optional[str]) -> Tuple[bool, float, float]:
+    """Whether ``password`` matches ``hashed`` (never, without one), when the check began, how long it took.
+
+    Runs in a pool thread; ``verify_password`` is looked up when called.
+    """
+    began = time.monotonic()
+    matches = hashed is not None and verify_password(password, hashed)
+    return matches, began, time.monotonic() - began
+
+
+class CheckCosts:
+    """How long a password check takes per hash setting, so every rejection can take the slowest's time.
+
+    A setting (:func:`~gittornado.passwords.hash_setting`) is measured the
+    first time a rejection needs it, by checking a wrong password against one
+    of its hashes in the verifier's pool.  Real checks can only raise the
+    estimate (when the machine is busy), never lower it below that
+    measurement: a client could otherwise send passwords that fail fast (a NUL
+    byte, which bcrypt refuses unchecked) to shorten every rejection.
+    """
+
+    def __init__(self, verifier: FairVerifier) -> None:
+        self._verifier = verifier
+        self._measured: Dict[str, float] = {}
+        self._recent: Dict[str, float] = {}
+        self._measuring: Dict[str, asyncio.Future] = {}
+
+    def observe(self, setting: str, seconds: float) -> None:
+        """Count one real check of ``setting`` that took ``seconds``."""
+        recent = self._recent.get(setting)
+        self._recent[setting] = seconds if recent is None else 0.8 * recent + 0.2 * seconds
+
+    async def slowest(self, samples: Mapping[str, str]) -> float:
+        """Seconds a check of the slowest setting in ``samples`` (setting -> one of its hashes) takes."""
+        missing = [setting for setting in samples if setting not in self._measured]
+        for setting in missing:
+            if setting not in self._measuring:
+                self._measuring[setting] = asyncio.ensure_future(self._measure(setting, samples[setting]))
+        if missing:
+            measuring = [self._measuring[setting] for setting in missing if setting in self._measuring]
+            await asyncio.gather(*map(asyncio.shield, measuring), return_exceptions=True)
+        return max((max(self._measured.get(s, 0.0), self._recent.get(s, 0.0)) for s in samples), default=0.0)
+
+    async def _measure(self, setting: str, hashed: str) -> None:
+        try:
+            check = functools.partial(_timed_check, secrets.token_hex(16).encode(), hashed)
+            _, _, seconds = await self._verifier.run("(measuring)", check)
+            self._measured[setting] = seconds
+        finally:
+            del self._measuring[setting]
 
 
 def _file_stamp(path: str) -> Optional[Tuple[int, int, int]]:
@@ -181,9 +370,14 @@ class IniPolicy(AccessPolicy):
     ``gittornado`` command calls it on SIGHUP).  A reload that fails keeps the
     previous rules and logs why.
 
-    Passwords are verified in a pool of ``workers`` threads, never on the
-    event loop; successes are cached for ``cache_ttl`` seconds; wrong
-    passwords are counted per client address by ``throttle``.
+    Passwords are checked in a pool of ``workers`` threads shared fairly
+    between clients, at most ``checks_per_client`` at once for one client,
+    never on the event loop.  Successes are remembered for ``cache_ttl``
+    seconds; a refused (user, password) that the same client sends again is
+    answered 401 at once, without a check or a count, for ``failure_ttl``
+    seconds.  Attempts are counted per client and user by ``throttle``.  Every
+    checked rejection takes as long as a check of the slowest hash in the file
+    (waiting, not computing), so its time tells nothing about which names exist.
     """
 
     def __init__(
@@ -195,17 +389,20 @@ class IniPolicy(AccessPolicy):
         cache_ttl: float = 60.0,
         check_interval: float = 1.0,
         workers: int = 2,
+        failure_ttl: float = 900.0,
+        checks_per_client: int = 2,
     ) -> None:
         self.path = path
         self.realm = realm
         self.throttle = throttle if throttle is not None else FailureThrottle()
         self.check_interval = check_interval
         self._verified = VerifiedCredentials(cache_ttl)
-        self._workers = workers
-        # Created on first use, so a server that forks workers starts no thread before the fork.
-        self._executor: Optional[ThreadPoolExecutor] = None
+        self._failed = FailedCredentials(failure_ttl, size=4096)
+        self._verifier = FairVerifier(workers, checks_per_client)
+        self._costs = CheckCosts(self._verifier)
         self._stamp = _file_stamp(path)
         self._rules = load_access_file(path, hash_scheme)
+        self._samples = _setting_samples(self._rules)
         self._generation = 0
         self._next_check = time.monotonic() + check_interval
 
@@ -234,7 +431,9 @@ class IniPolicy(AccessPolicy):
             log.error("%s: keeping the previous access rules: %s", self.path, error)
             return False
         self._rules, self._stamp = rules, stamp
+        self._samples = _setting_samples(rules)
         self._verified.clear()
+        self._failed.clear()
         self._generation += 1
         log.info("%s: access rules loaded (%d users)", self.path, len(rules.users))
         return True
@@ -244,32 +443,44 @@ class IniPolicy(AccessPolicy):
         if credentials is None:
             return None
         user, password = credentials
-        key = self._verified.key(user, password)
-        self._refresh()  # a changed file clears the cache before it is consulted
-        if key in self._verified:
+        self._refresh()  # a changed file clears the caches before they are consulted
+        verified_key = self._verified.key(user, password)
+        if verified_key in self._verified:
             return user
-        address = request.remote_ip or "unknown"
-        await self.throttle.admit(address)
-        generation = self._generation
-        users = self.rules.users
-        hashed = users.get(user)
-        # An unknown name costs a real check too (against some user's hash, the
-        # answer ignored), so response times do not tell which names exist.
-        decoy = hashed if hashed is not None else next(iter(users.values()), None)
-        verified = decoy is not None and await self._verify(password, decoy)
-        if hashed is None or not verified:
-            self.throttle.failed(address)
-            log.warning("authentication failed for user %.80r from %s", user, address)
+        client = client_group(request.remote_ip or "unknown")
+        failed_key = self._failed.key(user, password, client)
+        if failed_key in self._failed:
+            log.debug("refused credentials sent again for user %.80r from %s", user, client)
             raise AuthenticationFailed("wrong password or unknown user")
-        if generation == self._generation:  # not checked against a hash replaced meanwhile
-            self._verified.add(key)
-        return user
+        await self.throttle.admit(client, user)
+        generation, samples = self._generation, self._samples
+        hashed = self.rules.users.get(user)
+        # An unknown name costs no check, only the same wait (below) as a wrong password.
+        matches, began, seconds = await self._verifier.run(
+            client, functools.partial(_timed_check, password, hashed)
+        )
+        if hashed is not None:
+            self._costs.observe(hash_setting(hashed), seconds)
+        current = generation == self._generation  # else checked against a hash replaced meanwhile
+        if matches:
+            self.throttle.forgive(client, user)
+            if current:
+                self._verified.add(verified_key)
+            return user
+        if current:
+            self._failed.add(failed_key)
+        log.warning("authentication failed for user %.80r from %s", user, client)
+        slowest = await self._costs.slowest(samples)
+        await asyncio.sleep(max(0.0, began + slowest - time.monotonic()))
+        raise AuthenticationFailed("wrong password or unknown user")
 
     def authorize(self, user: Optional[str], repository: str, permission: Permission) -> bool:
         return self.rules.allows(user, repository, permission)
 
-    async def _verify(self, password: bytes, hashed: str) -> bool:
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="gittornado-passwords")
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, verify_password, password, hashed)
+
+def _setting_samples(rules: AccessRules) -> Dict[str, str]:
+    """One hash of each setting the file uses, to measure what checking it costs."""
+    samples: Dict[str, str] = {}
+    for hashed in rules.users.values():
+        samples.setdefault(hash_setting(hashed), hashed)
+    return samples

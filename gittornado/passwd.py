@@ -2,8 +2,11 @@
 
 It changes the one line it must and leaves every other byte as it was
 (comments, order, spacing, other sections, line endings), checks that the
-result still loads, and replaces the file atomically, so a server reloading it
-at any moment reads either the old file or the new one, never half of either.
+result still loads, and replaces the file the way git replaces its own files:
+``users.ini.lock`` is created exclusively, the new content written into it and
+synced, then renamed over the file.  Runs at the same time therefore take
+turns (none loses another's change), and a server reloading the file at any
+moment reads either the old file or the new one, never half of either.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import random
 import stat
 import sys
-import tempfile
+import time
 from typing import List, Optional, TextIO
 
 from .passwords import BCRYPT_MAX_BYTES, DEFAULT_COST, hash_password, hash_scheme
@@ -83,37 +87,88 @@ def read_password(stdin: TextIO) -> str:
     return password
 
 
-def write_atomically(path: str, text: str) -> None:
-    """Replace ``path`` with ``text`` in one rename, keeping its mode and owner.
+#: Seconds a run waits for another run's lock before giving up (``--wait``).
+DEFAULT_LOCK_WAIT = 10.0
 
-    A new file is created readable by its owner only: it holds password hashes.
+
+class LockFile:
+    """git's lock-file protocol for one file: ``path``.lock holds the new content until it replaces ``path``.
+
+    The lock is created with ``O_CREAT | O_EXCL``, so only one run holds it;
+    another run retries for ``wait`` seconds, then gives up naming the lock.
+    A lock left by a run that died is reported, never removed here: only a
+    person can tell it from a slow run.  Leaving the ``with`` block without
+    :meth:`commit` removes the lock and leaves ``path`` as it was.
     """
-    directory = os.path.dirname(path) or "."
-    fd, temp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
+
+    def __init__(self, path: str, wait: float = DEFAULT_LOCK_WAIT) -> None:
+        self.path = path
+        self.lock = f"{path}.lock"
+        self.wait = wait
+        self._fd: Optional[int] = None
+        self._held = False
+
+    def __enter__(self) -> LockFile:
+        deadline = time.monotonic() + self.wait
+        while True:
+            try:
+                self._fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                self._held = True
+                return self
+            except FileExistsError:
+                if time.monotonic() >= deadline:
+                    raise PasswdError(self._held_by_another()) from None
+                time.sleep(random.uniform(0.01, 0.05))  # out of step with the other waiting runs
+            except OSError as error:
+                raise PasswdError(f"cannot create {self.lock}: {error}") from None
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if self._held:
+            os.unlink(self.lock)
+            self._held = False
+
+    def _held_by_another(self) -> str:
+        try:
+            age = f" (made {time.time() - os.stat(self.lock).st_mtime:.0f} s ago)"
+        except OSError:
+            age = ""
+        return (
+            f"{self.lock} exists{age}: another gittornado-passwd is changing {self.path}. "
+            f"If none is running, one was interrupted: check {self.path}, then remove {self.lock}"
+        )
+
+    def commit(self, text: str) -> None:
+        """Write ``text`` into the lock, sync it, and rename it over the file.
+
+        The new file keeps the mode and owner of the one it replaces; a new
+        file is readable by its owner only, as it holds password hashes.
+        """
+        assert self._fd is not None, "commit() outside the with block"
+        fd, self._fd = self._fd, None
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             f.write(text)
             f.flush()
-            os.fsync(f.fileno())
-        try:
-            st = os.stat(path)
-        except FileNotFoundError:
-            pass
-        else:
-            os.chmod(temp, stat.S_IMODE(st.st_mode))
             try:
-                os.chown(temp, st.st_uid, st.st_gid)
-            except PermissionError:
-                pass  # not root: the file is ours already
-        os.replace(temp, path)
-    except BaseException:
-        os.unlink(temp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+                st = os.stat(self.path)
+            except FileNotFoundError:
+                pass
+            else:
+                os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
+                try:
+                    os.fchown(f.fileno(), st.st_uid, st.st_gid)
+                except PermissionError:
+                    pass  # not root: the file is ours already
+            os.fsync(f.fileno())
+        os.rename(self.lock, self.path)
+        self._held = False
+        dir_fd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COST",
         help=f"bcrypt cost, 4 to 31 (default: {DEFAULT_COST}); each step doubles the time",
     )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=DEFAULT_LOCK_WAIT,
+        metavar="SECONDS",
+        help=f"how long to wait while another run changes FILE (default: {DEFAULT_LOCK_WAIT:g})",
+    )
     return parser
 
 
@@ -145,35 +207,43 @@ def run(args: argparse.Namespace, stdin: TextIO) -> str:
         raise PasswdError(
             f"{args.user!r} is not a valid user name (no spaces or = : ; # [ ] , and not * or @...)"
         )
+    # Hashed before the lock is taken: bcrypt is slow, the lock is held only to edit.
+    hashed = None if args.delete else hash_password(read_password(stdin), args.cost)
     # Edit the file a symlink points to, not replace the link.
     path = os.path.realpath(args.file)
+    with LockFile(path, args.wait) as lock:
+        text = _read(path, args.file, missing_ok=hashed is not None)
+        # A byte-order mark some editors write is kept, outside the lines being edited.
+        bom = "\ufeff" if text.startswith("\ufeff") else ""
+        text = text[len(bom) :]
+        if hashed is None:
+            text, message = delete_user(text, args.user), f"Deleted user {args.user}"
+        else:
+            exists = any(line.section == "users" and line.key == args.user for line in split_ini_lines(text))
+            text = set_user(text, args.user, hashed)
+            message = f"{'Updated' if exists else 'Added'} password for user {args.user}"
+        try:
+            parse_access_file(text, args.file, hash_scheme)
+        except AccessFileError as error:
+            raise PasswdError(f"not changed, the file would not load: {error}") from None
+        try:
+            lock.commit(bom + text)
+        except OSError as error:
+            raise PasswdError(f"{args.file}: {error}") from None
+    return message
+
+
+def _read(path: str, name: str, missing_ok: bool) -> str:
+    """The file's text; empty for a missing file when ``missing_ok`` (it is being created)."""
     try:
         with open(path, encoding="utf-8", newline="") as f:
-            text = f.read()
+            return f.read()
     except FileNotFoundError:
-        if args.delete:
-            raise PasswdError(f"{args.file}: no such file") from None
-        text = ""
+        if missing_ok:
+            return ""
+        raise PasswdError(f"{name}: no such file") from None
     except (OSError, UnicodeDecodeError) as error:
-        raise PasswdError(f"{args.file}: {error}") from None
-    # A byte-order mark some editors write is kept, outside the lines being edited.
-    bom = "\ufeff" if text.startswith("\ufeff") else ""
-    text = text[len(bom) :]
-    if args.delete:
-        text, message = delete_user(text, args.user), f"Deleted user {args.user}"
-    else:
-        exists = any(line.section == "users" and line.key == args.user for line in split_ini_lines(text))
-        text = set_user(text, args.user, hash_password(read_password(stdin), args.cost))
-        message = f"{'Updated' if exists else 'Added'} password for user {args.user}"
-    try:
-        parse_access_file(text, args.file, hash_scheme)
-    except AccessFileError as error:
-        raise PasswdError(f"not changed, the file would not load: {error}") from None
-    try:
-        write_atomically(path, bom + text)
-    except OSError as error:
-        raise PasswdError(f"{args.file}: {error}") from None
-    return message
+        raise PasswdError(f"{name}: {error}") from None
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -39,6 +39,17 @@ def verify_password(password: bytes, hashed: str) -> bool:
         return False
 
 
+def hash_setting(hashed: str) -> str:
+    """What decides how long checking a password against ``hashed`` takes: scheme and cost (``bcrypt/12``).
+
+    Hashes of one setting cost the same to check whatever their salt, so the
+    access policy measures each setting once.  ``hashed`` must be an accepted hash.
+    """
+    scheme = PASSWORD_HASHES.identify(hashed)
+    rounds = getattr(PASSWORD_HASHES.handler(scheme).from_string(hashed), "rounds", None)
+    return scheme if rounds is None else f"{scheme}/{rounds}"
+
+
 def hash_scheme(hashed: str) -> Optional[str]:
     """The accepted scheme ``hashed`` is in, or None; ValueError (naming the scheme) if malformed."""
     scheme = PASSWORD_HASHES.identify(hashed)

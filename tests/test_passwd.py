@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import io
 import os
+import random
+import re
 import stat
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import List, Optional
 
@@ -13,6 +17,7 @@ import pytest
 
 from gittornado import passwd
 from gittornado.access import load_access_file, verify_password
+from gittornado.passwords import hash_password
 
 EXAMPLE = Path(__file__).parent.parent / "users.ini"
 #: Low bcrypt cost keeps the tests fast; the default (12) is checked once.
@@ -181,3 +186,101 @@ def test_keeps_a_byte_order_mark(tmp_path: Path) -> None:
     assert run(*FAST, str(path), "kim").returncode == 0
     assert path.read_bytes().startswith("\ufeff[users]\nkim = $2y$04$".encode())
     assert "kim" in load_access_file(str(path)).users
+
+
+# -- runs at the same time -------------------------------------------------------------------------
+
+
+def test_parallel_runs_lose_no_change(tmp_path: Path) -> None:
+    """20 runs at once (adds, password changes, deletions): the file ends as every run reported.
+
+    Meanwhile a reader keeps loading the file, as a server would: it always loads.
+    """
+    path = tmp_path / "users.ini"
+    old = {f"u{i:02}": f"old-u{i:02}" for i in range(13)}
+    path.write_text(
+        "; shared by everyone\n[users]\n"
+        + "".join(f"{user} = {hash_password(pw, 4)}\n" for user, pw in old.items())
+        + "[access]\n* = proj=r\n"
+    )
+    changed = {f"u{i:02}": f"changed-u{i:02}" for i in range(7)}
+    added = {f"n{i:02}": f"new-n{i:02}" for i in range(7)}
+    deleted = [f"u{i:02}" for i in range(7, 13)]
+    runs = [(user, pw) for user, pw in {**changed, **added}.items()] + [(user, None) for user in deleted]
+    random.shuffle(runs)
+
+    reads, broken = [0], []
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                load_access_file(str(path))
+                reads[0] += 1
+            except Exception as error:  # noqa: BLE001 - any failure to load is the finding
+                broken.append(repr(error))
+
+    done = threading.Event()
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    processes = []
+    try:
+        for user, password in runs:
+            stdin = tmp_path / f"stdin-{user}"
+            stdin.write_text(f"{password}\n" if password else "")
+            with open(stdin) as source:
+                args = [*FAST, str(path), user] if password else ["-D", str(path), user]
+                processes.append(
+                    subprocess.Popen(
+                        ["gittornado-passwd", *args], stdin=source, stderr=subprocess.PIPE, text=True
+                    )
+                )
+        results = [(process.wait(timeout=60), process.stderr.read()) for process in processes]
+    finally:
+        done.set()
+        watcher.join()
+        for process in processes:
+            process.stderr.close()
+
+    for (user, password), (code, stderr) in zip(runs, results):
+        assert code == 0, stderr
+        expected = "Deleted user" if password is None else "Updated" if user in old else "Added"
+        assert expected in stderr and user in stderr
+    users = load_access_file(str(path)).users
+    assert sorted(users) == sorted([*changed, *added])
+    for user, password in {**changed, **added}.items():
+        assert verify_password(password.encode(), users[user]), user
+    assert path.read_text().startswith("; shared by everyone\n[users]\n")
+    assert "* = proj=r" in path.read_text()
+    assert not broken and reads[0] > 0
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("stdin-")) == ["users.ini"]
+
+
+def test_a_held_lock_is_waited_for_then_named(tmp_path: Path) -> None:
+    path = tmp_path / "users.ini"
+    path.write_text("[users]\n")
+    lock = tmp_path / "users.ini.lock"
+    lock.write_text("")
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))  # as if a run died an hour ago
+
+    begin = time.monotonic()
+    result = run(*FAST, "--wait", "1", str(path), "lena")
+    assert result.returncode != 0
+    assert time.monotonic() - begin >= 1
+    said = rf"{lock} exists \(made 360\d s ago\): another gittornado-passwd is changing"
+    assert re.search(said, result.stderr), result.stderr
+    assert f"remove {lock}" in result.stderr
+    assert path.read_text() == "[users]\n" and lock.exists()  # reported, not broken
+
+    # A lock that goes away while a run waits: the run goes ahead.
+    with open(tmp_path / "pw", "w+") as stdin:
+        stdin.write("pw\n")
+        stdin.seek(0)
+        waiting = subprocess.Popen(
+            ["gittornado-passwd", *FAST, str(path), "lena"], stdin=stdin, stderr=subprocess.PIPE, text=True
+        )
+        time.sleep(1.0)
+        assert waiting.poll() is None
+        lock.unlink()
+        assert waiting.wait(timeout=30) == 0, waiting.stderr.read()
+        waiting.stderr.close()
+    assert verify_password(b"pw", load_access_file(str(path)).users["lena"])
