@@ -26,6 +26,8 @@ WORKLOADS = {
     "info-refs-1": ("gittornado", "http-backend"),
     "info-refs-32": ("gittornado", "http-backend"),
     "parallel-16": ("gittornado", "http-backend", "upload-pack"),
+    "haves-40k": ("gittornado", "http-backend", "upload-pack"),
+    "haves-40k-64k": ("gittornado", "http-backend", "upload-pack"),
     "latency-8": ("gittornado", "http-backend"),
 }
 
@@ -56,6 +58,6 @@ def test_smoke_run_produces_every_row(tmp_path: Path) -> None:
                 own = max(sample[1] for sample in runs[0]["memory"])
                 assert 2**20 < own < 2**30, (key, target, own)
     checks = {c["target"] for c in data["checks"]}
-    assert len(checks) == 10 and all(c["met"] is not None for c in data["checks"])
+    assert len(checks) == 14 and all(c["met"] is not None for c in data["checks"])
     for name in ("git", "python", "tornado", "cpu"):
         assert data["versions"][name] in table
