@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Dict, Optional, Union
+from typing import Awaitable, Callable, Dict, List, Optional, Tuple, Union
 from weakref import WeakSet
 
 from tornado.web import HTTPError, RequestHandler
@@ -21,7 +21,8 @@ from .adverts import AdvertisementCache
 from .observe import Metrics
 from .packcache import PackCache
 from .process import GitProcesses
-from .repos import ConfigCache, Repository
+from .pushchecks import PushChecks, PushLimits
+from .repos import ConfigCache, GitConfig, Repository
 
 Lookup = Callable[[str], Union[Optional[Repository], Awaitable[Optional[Repository]]]]
 
@@ -84,7 +85,8 @@ class GitBackend:
     request whose body has not started that many seconds after its headers
     (git starts only then); ``processes`` holds the running git processes and
     their cap; ``metrics``, when set, is served at ``/metrics``; ``adverts``
-    replays unchanged upload-pack advertisements; ``pack_cache``, when set,
+    replays unchanged upload-pack advertisements; ``push_limits`` says what a
+    push may bring (:mod:`gittornado.pushchecks`); ``pack_cache``, when set,
     shares the packs of identical fetches (:mod:`gittornado.packcache`).  ``git`` and ``base_env``
     are the git binary and the environment it runs with; the default
     ``configs`` and ``adverts`` read config with those same two.
@@ -101,16 +103,29 @@ class GitBackend:
     configs: Optional[ConfigCache] = None
     adverts: Optional[AdvertisementCache] = None
     pack_cache: Optional[PackCache] = None
+    push_limits: PushLimits = field(default_factory=PushLimits)
     processes: GitProcesses = field(default_factory=GitProcesses)
     base_env: Dict[str, str] = field(default_factory=server_environment)
     #: The requests in progress (a shutdown lets them finish); weak, so none is kept alive by it.
     requests: WeakSet[RequestHandler] = field(default_factory=WeakSet)
 
     def __post_init__(self) -> None:
+        self.push_checks = PushChecks(self.push_limits, self.git)
         if self.configs is None:
             self.configs = ConfigCache(self.git, self.base_env)
         if self.adverts is None:  # it watches the global config files of the environment git runs in
             self.adverts = AdvertisementCache(self.base_env)
+
+    def service_setup(
+        self, command: str, repo: Repository, config: Optional[GitConfig]
+    ) -> Tuple[List[str], Dict[str, str]]:
+        """``-c`` options and environment variables that the backend's features add to ``git <command>``:
+        the pack cache to upload-pack, the push limits to receive-pack."""
+        if command == "upload-pack" and self.pack_cache is not None:
+            return self.pack_cache.upload_pack_setup()
+        if command == "receive-pack":
+            return self.push_checks.receive_pack_setup(repo, config or {})
+        return [], {}
 
     def git_environment(
         self, repository: Repository, user: Optional[str], address: Optional[str], protocol: Optional[str]

@@ -214,10 +214,9 @@ class GitHandler(GitRequestMixin, RequestHandler):
         for key, value in (defaults or {}).items():
             if config is None or key not in config:
                 argv += ["-c", f"{key}={value}"]
-        if self.backend.pack_cache is not None and args[:1] == ["upload-pack"]:
-            options, cache_env = self.backend.pack_cache.upload_pack_setup()
-            argv += options
-            env.update(cache_env)
+        options, more_env = self.backend.service_setup(args[0], repo, config)
+        argv += options
+        env.update(more_env)
         argv += args
         self.service_label = label
         context = f"{repo.name} {label}"

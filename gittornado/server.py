@@ -34,6 +34,7 @@ from .httpserver import HardenedHTTPServer
 from .observe import Metrics, RequestObserver
 from .packcache import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, PackCache
 from .process import GitProcesses
+from .pushchecks import PushLimits
 from .repos import RepositoryRoot
 from .routes import routes_for
 from .sizes import CHUNK_SIZE
@@ -102,6 +103,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SIZE",
         help="largest push request body, e.g. 500M or 2G (default: unlimited)",
+    )
+    parser.add_argument(
+        "--max-push-size",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="refuse a push whose pack is larger (git's receive.maxInputSize; default: unlimited)",
+    )
+    parser.add_argument(
+        "--max-file-size",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="refuse a push that adds a file larger than this (default: unlimited)",
+    )
+    parser.add_argument(
+        "--repo-quota",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="refuse a push after which a repository's objects would take more disk (default: unlimited)",
     )
     parser.add_argument(
         "--max-fetch-body-size",
@@ -319,6 +341,7 @@ async def serve(
         policy=policy,
         max_body_size=args.max_body_size,
         max_fetch_body_size=args.max_fetch_body_size,
+        push_limits=PushLimits(args.max_push_size, args.max_file_size, args.repo_quota),
         idle_timeout=args.idle_timeout or None,
         body_timeout=args.header_timeout or None,
         processes=processes,

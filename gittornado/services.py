@@ -102,7 +102,8 @@ RECEIVE_PACK = Service(
     advertises=True,
     # Check every pushed object before it lands; a malformed one is refused
     # with git's reason and nothing of the push is written.
-    defaults={"receive.fsckobjects": "true"},
+    # Push options (git push -o key=value) reach the hooks as GIT_PUSH_OPTION_<n>.
+    defaults={"receive.fsckobjects": "true", "receive.advertisepushoptions": "true"},
 )
 
 # upload-archive answers one request and exits, so it has no --stateless-rpc.
