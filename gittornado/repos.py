@@ -206,12 +206,16 @@ def _why_not_created(root: str, directory: str) -> Optional[str]:
     """Why a new repository may not go into ``directory`` (under ``root``), else None, creating it.
 
     Each level below the root must be a real directory (no symlink, whatever
-    it points to), neither a git directory nor a work tree; missing levels
+    it points to), neither a git directory nor a work tree, nor a name that
+    finds a repository (``proj`` while ``proj.git`` exists); missing levels
     are made.
     """
     current = root
     for part in os.path.relpath(directory, root).split(os.sep) if directory != root else ():
         current = os.path.join(current, part)
+        inside = os.path.relpath(current, root).replace(os.sep, "/")
+        if resolve_repository(root, inside) is not None:  # ``proj/new`` when ``proj.git`` exists
+            return f"it would lie inside the repository {inside!r}"
         try:
             os.mkdir(current)
         except FileExistsError:
