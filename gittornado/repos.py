@@ -206,16 +206,12 @@ def _why_not_created(root: str, directory: str) -> Optional[str]:
     """Why a new repository may not go into ``directory`` (under ``root``), else None, creating it.
 
     Each level below the root must be a real directory (no symlink, whatever
-    it points to), neither a git directory nor a work tree, nor a name that
-    finds a repository (``proj`` while ``proj.git`` exists); missing levels
+    it points to), neither a git directory nor a work tree; missing levels
     are made.
     """
     current = root
     for part in os.path.relpath(directory, root).split(os.sep) if directory != root else ():
         current = os.path.join(current, part)
-        inside = os.path.relpath(current, root).replace(os.sep, "/")
-        if resolve_repository(root, inside) is not None:  # ``proj/new`` when ``proj.git`` exists
-            return f"it would lie inside the repository {inside!r}"
         try:
             os.mkdir(current)
         except FileExistsError:
@@ -238,7 +234,8 @@ def create_repository(
     there, so no lookup ever finds half a repository, and of two creations
     at once, one wins the rename and the other uses the winner's.  Returns
     None, logging why, for a name :func:`resolve_repository` would refuse or
-    a place it would not serve.
+    a place it would not serve, or one with a part that starts with a dot
+    (``.git``, hidden directories, the temporary directories of creations).
     """
     name = clean_name(name)
     if name is None:
@@ -248,6 +245,10 @@ def create_repository(
 
         env = server_environment()
     stem = name[:-4] if name.endswith(".git") else name
+    if any(not part or part.startswith(".") for part in stem.split("/")):
+        # ``team/.git`` would make ``team`` a work tree, hiding every repository in it.
+        log.warning("not creating repository %r: a part of the name is empty or starts with a dot", name)
+        return None
     target = os.path.join(root, stem + ".git")
     parent = os.path.dirname(target)
     reason = _why_not_created(root, parent)

@@ -126,6 +126,7 @@ async def test_names_a_lookup_refuses_are_not_created(
     git: GitClient, gitbase: Path, base_url: str, tmp_path: Path
 ) -> None:
     make_repo(git, gitbase, "proj.git")
+    make_repo(git, gitbase, "team/app.git")
     make_repo(git, gitbase, "worktree", bare=False)
     (gitbase / "real").mkdir()
     (gitbase / "linked").symlink_to(gitbase / "real")
@@ -136,7 +137,11 @@ async def test_names_a_lookup_refuses_are_not_created(
     before = everything_under(gitbase)
     names = [
         "proj.git/inner.git",  # inside a bare repository
-        "proj/inner",
+        "proj.git/inner",
+        "team/.git",  # would make team a work tree, hiding team/app.git
+        ".git",
+        "team/.hidden.git",
+        ".git/x.git",
         "worktree/inner.git",  # inside a work tree
         "worktree/sub/inner.git",
         "linked/new.git",  # through a symlink, even one inside the root
@@ -155,6 +160,12 @@ async def test_names_a_lookup_refuses_are_not_created(
         assert response.code in (400, 404), (name, response.code)
     assert everything_under(gitbase) == before
     assert os.listdir(outside) == [] and os.listdir(gitbase / "real") == []
+    served = await AsyncHTTPClient().fetch(
+        f"{base_url}/team/app.git/info/refs?service=git-upload-pack",
+        headers=basic("carol", CREDENTIALS["carol"]),
+        raise_error=False,
+    )
+    assert served.code == 200
     assert not (tmp_path / "evil.git").exists()
 
 
