@@ -8,6 +8,7 @@ token nor its hash ever reaches a log line.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -236,6 +237,10 @@ async def test_wrong_tokens_go_through_the_password_throttle(
     assert round(policy.throttle.failures("127.0.0.1", "alice")) == 3  # leaking away slowly
     # Another user of the address is not locked out by alice's failures.
     assert await status(url, "bob", CREDENTIALS["bob"]) == 200
+    # Thirty guesses for bob at once are counted as they arrive: three are checked, the rest get 429.
+    bobs = [f"gtt_{token_id}_{os.urandom(32).hex()[:43]}" for _ in range(30)]
+    codes = await asyncio.gather(*(status(url, "bob", guess) for guess in bobs))
+    assert sorted(codes) == [401] * 3 + [429] * 27
 
 
 def test_tokens_round_trip_through_the_command_and_deleting_a_user_revokes_them(tmp_path: Path) -> None:
