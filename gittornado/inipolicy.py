@@ -401,6 +401,11 @@ class IniPolicy(AccessPolicy):
     seconds.  Attempts are counted per client and user by ``throttle``.  Every
     checked rejection takes as long as a check of the slowest hash in the file
     (waiting, not computing), so its time tells nothing about which names exist.
+
+    A [tokens] token sent as the password takes the same path (memories,
+    throttle, padding) with a SHA-256 for the hash check; the name it returns
+    is a :class:`Login` carrying the token, whose scope :meth:`authorize`
+    intersects with the user's rights.
     """
 
     def __init__(

@@ -330,9 +330,8 @@ def run(args: argparse.Namespace, stdin: TextIO, stdout: TextIO = sys.stdout) ->
 
     def set_password(text: str) -> Tuple[str, str]:
         exists = any(line.section == "users" and line.key == args.user for line in split_ini_lines(text))
-        return set_user(
-            text, args.user, hashed
-        ), f"{'Updated' if exists else 'Added'} password for user {args.user}"
+        message = f"{'Updated' if exists else 'Added'} password for user {args.user}"
+        return set_user(text, args.user, hashed), message
 
     return _edit(args, set_password, missing_ok=True)
 
@@ -349,16 +348,14 @@ def _new_token(args: argparse.Namespace, stdout: TextIO) -> str:
         raise PasswdError("--scope: a pattern cannot contain a comma")
     scope = ", ".join(f"{rule.pattern}={args.right}" for rule in rules)
     expires = format_expiry(args.expires)
-    made = {}
+    token_id, token = new_token()
 
     def add_token(text: str) -> Tuple[str, str]:
-        if not any(line.section == "users" and line.key == args.user for line in split_ini_lines(text)):
+        lines = split_ini_lines(text)
+        if not any(line.section == "users" and line.key == args.user for line in lines):
             raise PasswdError(f"no user {args.user!r} in [users]: set a password first")
-        taken = {line.key for line in split_ini_lines(text) if line.section == "tokens"}
-        token_id, token = new_token()
-        while token_id in taken:
-            token_id, token = new_token()
-        made["token"] = token
+        if any(line.section == "tokens" and line.key == token_id for line in lines):
+            raise PasswdError("the new token's id is taken (a one in 2**48 chance): run the command again")
         line = f"{args.user} {token_digest(token.encode('ascii'))} {expires} {scope}"
         return set_entry(text, "tokens", token_id, line), (
             f"Created token {token_id} for user {args.user} ({scope}), expires {expires}. "
@@ -366,7 +363,7 @@ def _new_token(args: argparse.Namespace, stdout: TextIO) -> str:
         )
 
     message = _edit(args, add_token)
-    print(made["token"], file=stdout, flush=True)  # only once the file holds it
+    print(token, file=stdout, flush=True)  # only once the file holds it
     return message
 
 
