@@ -88,12 +88,22 @@ class GitRequestMixin:
         """``Server: gittornado``, not Tornado's name and exact release."""
         self.set_header("Server", SERVER_NAME)  # type: ignore[attr-defined]
 
-    async def open_repository(self, name: str, permission: Permission) -> Tuple[Repository, Grant]:
-        """Resolve ``name`` and check ``permission`` on it, or raise the right HTTP error."""
+    async def open_repository(
+        self, name: str, permission: Permission, create: bool = False
+    ) -> Tuple[Repository, Grant]:
+        """Resolve ``name`` and check ``permission`` on it, or raise the right HTTP error.
+
+        With ``create``, a missing repository a logged-in user may push to is
+        made, if the lookup can (``RepositoryRoot(create_on_push=True)``).
+        """
         repo = await maybe_await(self.backend.lookup, name)
         self.repository = repo.name if repo else name
         grant = await check_access(self.backend.policy, self.request, self.repository, permission)
         self.user = grant.user
+        creator = getattr(self.backend.lookup, "create", None) if create and grant.user else None
+        if repo is None and creator is not None:
+            repo = await creator(name)
+            self.repository = repo.name if repo else name
         if repo is None:
             raise HTTPError(404, reason="Repository not found")
         return repo, grant

@@ -1,7 +1,9 @@
 """IniPolicy: the access policy of a users.ini file (hash checks, throttle, credential caches, reloading).
 
 Users with htpasswd hashes, groups and per-repository ``r``/``rw`` rules, as
-:mod:`gittornado.usersfile` reads them, behind HTTP Basic authentication.
+:mod:`gittornado.usersfile` reads them, behind HTTP Basic authentication.  A
+token (``gtt_...``) may stand in for a user's password; it logs the user in
+for the intersection of its scope and the user's rights, until it expires.
 README.md's "Access control" section says what an attacker can and cannot do
 against these rules; the classes here implement exactly that.
 """
@@ -22,19 +24,22 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import Callable, Deque, Dict, Mapping, Optional, Tuple, TypeVar
 
 from tornado.httputil import HTTPServerRequest
 
 from .access import AccessDenied, AccessPolicy, AuthenticationFailed
-from .passwords import hash_scheme, hash_setting, verify_password
+from .passwords import TOKEN_PREFIX, hash_scheme, hash_setting, token_id, verify_password, verify_token
 from .permission import Permission
-from .usersfile import AccessFileError, AccessRules, load_access_file
+from .usersfile import AccessFileError, AccessRules, Token, load_access_file
 
 #: Not "gittornado.access": that name is the per-request access log.
 log = logging.getLogger("gittornado.auth")
 
 T = TypeVar("T")
+
+_TOKEN_PREFIX = TOKEN_PREFIX.encode("ascii")
 
 
 def basic_credentials(header: Optional[str]) -> Optional[Tuple[str, bytes]]:
@@ -57,6 +62,24 @@ def basic_credentials(header: Optional[str]) -> Optional[Tuple[str, bytes]]:
     if not colon:
         raise AuthenticationFailed("malformed Basic credentials")
     return user, password
+
+
+class Login(str):
+    """The name of a user :class:`IniPolicy` logged in, saying how.
+
+    It is the user name (a ``str``) wherever a name is used; ``auth`` is
+    what the access log reports (``password``, or ``token:<id>``), and
+    ``token`` the token whose scope narrows the user's rights, if one was used.
+    """
+
+    auth: str
+    token: Optional[Token]
+
+    def __new__(cls, user: str, token: Optional[Token] = None) -> Login:
+        login = super().__new__(cls, user)
+        login.auth = f"token:{token.id}" if token is not None else "password"
+        login.token = token
+        return login
 
 
 def client_group(address: str) -> str:
@@ -378,6 +401,11 @@ class IniPolicy(AccessPolicy):
     seconds.  Attempts are counted per client and user by ``throttle``.  Every
     checked rejection takes as long as a check of the slowest hash in the file
     (waiting, not computing), so its time tells nothing about which names exist.
+
+    A [tokens] token sent as the password takes the same path (memories,
+    throttle, padding) with a SHA-256 for the hash check; the name it returns
+    is a :class:`Login` carrying the token, whose scope :meth:`authorize`
+    intersects with the user's rights.
     """
 
     def __init__(
@@ -444,9 +472,11 @@ class IniPolicy(AccessPolicy):
             return None
         user, password = credentials
         self._refresh()  # a changed file clears the caches before they are consulted
+        if password.startswith(_TOKEN_PREFIX):
+            return await self._token_login(request, user, password)
         verified_key = self._verified.key(user, password)
         if verified_key in self._verified:
-            return user
+            return Login(user)
         client = client_group(request.remote_ip or "unknown")
         failed_key = self._failed.key(user, password, client)
         if failed_key in self._failed:
@@ -466,17 +496,71 @@ class IniPolicy(AccessPolicy):
             self.throttle.forgive(client, user)
             if current:
                 self._verified.add(verified_key)
-            return user
+            return Login(user)
         if current:
             self._failed.add(failed_key)
         log.warning("authentication failed for user %.80r from %s", user, client)
-        slowest = await self._costs.slowest(samples)
-        # Every rejection ends on a timer, whether or not a check ran: a check that already took the slowest
-        # time would otherwise end a moment sooner than a wait for it, and that moment can be measured.
-        await asyncio.sleep(max(_PAD_MARGIN, began + slowest + _PAD_MARGIN - time.monotonic()))
+        await self._pad_rejection(began, samples)
         raise AuthenticationFailed("wrong password or unknown user")
 
+    async def _token_login(self, request: HTTPServerRequest, user: str, secret: bytes) -> Login:
+        """Log ``user`` in with a token: the password path's memories and throttle, a SHA-256 for bcrypt.
+
+        A token is checked whenever it is used, even when remembered as
+        verified (that only spares it the throttle), so expiry and revocation
+        take effect on the next request.
+        """
+        client = client_group(request.remote_ip or "unknown")
+        claimed = token_id(secret)
+        if claimed is None:
+            # No file can make it valid, so there is nothing to count, check or hide.
+            log.warning("authentication failed for user %.80r from %s: malformed token", user, client)
+            raise AuthenticationFailed("malformed token")
+        verified_key = self._verified.key(user, secret)
+        token = self._valid_token(user, claimed, secret)
+        if token is not None and verified_key in self._verified:
+            return Login(user, token)
+        failed_key = self._failed.key(user, secret, client)
+        if failed_key in self._failed:
+            log.debug("refused token %s sent again for user %.80r from %s", claimed, user, client)
+            raise AuthenticationFailed("wrong, expired or revoked token")
+        await self.throttle.admit(client, user)
+        generation, samples = self._generation, self._samples
+        began = time.monotonic()
+        token = self._valid_token(user, claimed, secret)  # again: the file may have changed meanwhile
+        if token is not None:
+            self.throttle.forgive(client, user)
+            self._verified.add(verified_key)
+            return Login(user, token)
+        if generation == self._generation:
+            self._failed.add(failed_key)
+        log.warning("authentication failed for user %.80r from %s with token %s", user, client, claimed)
+        await self._pad_rejection(began, samples)
+        raise AuthenticationFailed("wrong, expired or revoked token")
+
+    def _valid_token(self, user: str, claimed: str, secret: bytes) -> Optional[Token]:
+        """The token ``secret`` is, if it is ``user``'s, in force and the user still has a password."""
+        rules = self.rules
+        token = rules.tokens.get(claimed)
+        if token is None or token.user != user or user not in rules.users:
+            return None
+        if not verify_token(secret, token.digest) or token.expired(datetime.now(timezone.utc)):
+            return None
+        return token
+
+    async def _pad_rejection(self, began: float, samples: Mapping[str, str]) -> None:
+        """Wait until a rejection that began at ``began`` took as long as the slowest hash check.
+
+        It always ends on a timer, whether or not a check ran: a check that already took the slowest time
+        would otherwise end a moment sooner than a wait for it, and that moment can be measured.
+        """
+        slowest = await self._costs.slowest(samples)
+        await asyncio.sleep(max(_PAD_MARGIN, began + slowest + _PAD_MARGIN - time.monotonic()))
+
     def authorize(self, user: Optional[str], repository: str, permission: Permission) -> bool:
+        token = getattr(user, "token", None)
+        if token is not None and not token.allows(repository, permission):
+            return False
         return self.rules.allows(user, repository, permission)
 
 

@@ -7,10 +7,12 @@ log and the metrics can never disagree.
 The access log (logger ``gittornado.access``, level INFO) writes one line per
 request as space-separated ``key=value`` pairs, in this order::
 
-    time=2026-11-22T00:40:12.345Z client=203.0.113.9 user=alice repo=team/app.git
-    service=git-upload-pack method=POST status=200 in=1187 out=5234012
-    duration_ms=840.2 git_exit=0
+    time=2026-11-22T00:40:12.345Z client=203.0.113.9 user=alice auth=password
+    repo=team/app.git service=git-upload-pack method=POST status=200 in=1187
+    out=5234012 duration_ms=840.2 git_exit=0
 
+``auth`` says how the user logged in, as the policy tells (a ``user`` with
+an ``auth`` attribute): ``password``, or ``token:<id>`` for a users.ini token.
 ``-`` stands for "none" (anonymous, no repository, no git process); values
 with spaces, quotes or control characters are written as JSON strings, so the
 line always splits cleanly.  Status 499 means the client left before the
@@ -44,10 +46,12 @@ def request_fields(handler: RequestHandler) -> Dict[str, Any]:
     """What one finished request did, in the access log's field order."""
     request = handler.request
     pipe = getattr(handler, "pipe", None)
+    user = getattr(handler, "user", None)
     return {
         "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "client": request.remote_ip,
-        "user": getattr(handler, "user", None),
+        "user": user,
+        "auth": getattr(user, "auth", None),
         "repo": getattr(handler, "repository", None),
         "service": getattr(handler, "service_label", None),
         "method": request.method,
@@ -107,6 +111,9 @@ class Metrics:
             "Requests refused for wrong or unknown credentials",
             registry=self.registry,
         )
+        self.token_logins = prom.Counter(
+            "gittornado_token_logins", "Requests a token (not a password) logged in", registry=self.registry
+        )
         running = prom.Gauge(
             "gittornado_git_processes",
             "git processes running",
@@ -135,6 +142,8 @@ class Metrics:
         self.duration.labels(service).observe(fields["duration_ms"] / 1000)
         if had_credentials and fields["status"] in (401, 429):
             self.auth_failures.inc()
+        if str(fields["auth"]).startswith("token:"):
+            self.token_logins.inc()
 
     def exposition(self) -> bytes:
         """The metrics in Prometheus text format."""

@@ -1,12 +1,18 @@
-"""Password hashes in the formats htpasswd writes: recognizing, verifying, making.
+"""What users.ini keeps of passwords (htpasswd's hashes) and tokens: recognizing, verifying, making.
 
 The one module that imports the hashing library (passlib, as its maintained
 fork libpass), shared by the access policy and ``gittornado-passwd``.
+Tokens need no slow hash: they are 32 random bytes, so SHA-256 of one is as
+good as bcrypt of it, and checking one costs microseconds.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+import hashlib
+import hmac
+import re
+import secrets
+from typing import Optional, Tuple
 
 from passlib.context import CryptContext
 from passlib.hash import bcrypt
@@ -69,3 +75,31 @@ DEFAULT_COST = 12
 def hash_password(password: str, cost: int = DEFAULT_COST) -> str:
     """A bcrypt hash in the ``$2y$`` form that htpasswd -B writes."""
     return bcrypt.using(ident="2y", rounds=cost).hash(password)
+
+
+#: What every token starts with, so that a token is recognizable (by secret scanners, and here).
+TOKEN_PREFIX = "gtt_"
+#: ``gtt_<id: 12 hex digits>_<32 random bytes, base64url without padding>``.
+_TOKEN = re.compile(rb"gtt_([0-9a-f]{12})_[A-Za-z0-9_-]{43}")
+
+
+def new_token() -> Tuple[str, str]:
+    """A new token's ``(id, token)``; the id is part of the token, so a check finds its line at once."""
+    token_id = secrets.token_hex(6)
+    return token_id, f"{TOKEN_PREFIX}{token_id}_{secrets.token_urlsafe(32)}"
+
+
+def token_id(secret: bytes) -> Optional[str]:
+    """The id of ``secret`` if it is a well-formed token, else None."""
+    match = _TOKEN.fullmatch(secret)
+    return match.group(1).decode("ascii") if match else None
+
+
+def token_digest(secret: bytes) -> str:
+    """What users.ini stores of a token: its SHA-256, in hex."""
+    return hashlib.sha256(secret).hexdigest()
+
+
+def verify_token(secret: bytes, digest: str) -> bool:
+    """Whether ``secret`` is the token whose digest is ``digest``, compared in constant time."""
+    return hmac.compare_digest(token_digest(secret), digest)

@@ -13,6 +13,10 @@ is never served.  And a symlink is only another way to write a repository's
 name: the :class:`Repository` it finds carries the real name, which is what
 access rules are matched against, so an alias grants nothing its target's own
 rules do not.
+
+:meth:`RepositoryRoot.create` makes a missing repository a push names (the
+``--create-on-push`` option), under the same rules: a name lookup would
+refuse, or one inside another repository or behind a symlink, is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ import functools
 import logging
 import os
 import re
+import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Tuple
@@ -142,13 +148,146 @@ class RepositoryRoot:
     """The default repository lookup: every git directory below one folder.
 
     Instances are callables, like any lookup an embedder may pass instead.
+    With ``create_on_push``, :meth:`create` makes missing repositories (with
+    the ``git`` binary and ``env``, which should hold no ``GIT_DIR``).
     """
 
-    def __init__(self, root: str) -> None:
+    def __init__(
+        self,
+        root: str,
+        create_on_push: bool = False,
+        git: str = "git",
+        env: Optional[Mapping[str, str]] = None,
+    ) -> None:
         self.root = os.path.realpath(root)
+        self.create_on_push = create_on_push
+        self.git = git
+        self.env = dict(env) if env is not None else None
 
     def __call__(self, name: str) -> Optional[Repository]:
         return resolve_repository(self.root, name)
+
+    async def create(self, name: str) -> Optional[Repository]:
+        """The repository a push to the missing ``name`` creates, or None (off, or a refused name).
+
+        Call it only for a user the access rules let push to ``name``.
+        """
+        if not self.create_on_push:
+            return None
+        make = functools.partial(create_repository, self.root, name, self.git, self.env)
+        # A thread, not the event loop: git init and a few renames and syncs block.
+        return await asyncio.get_running_loop().run_in_executor(None, make)
+
+
+#: Written into a repository a push creates: git init's HEAD names its default branch, which the
+#: push may not have; after the first push that brings a branch, HEAD names it, and the hook goes.
+_FIRST_PUSH_HOOK = """#!/bin/sh
+# Written by gittornado when a push created this repository; it removes itself.
+# Points HEAD at the first branch pushed unless HEAD's branch exists.
+if git rev-parse -q --verify HEAD >/dev/null; then
+    cat >/dev/null
+    rm -f "$0"
+    exit 0
+fi
+while read -r old new ref; do
+    case "$ref" in
+    refs/heads/*)
+        git symbolic-ref HEAD "$ref"
+        cat >/dev/null
+        rm -f "$0"
+        exit 0
+        ;;
+    esac
+done
+"""
+
+
+def _why_not_created(root: str, directory: str) -> Optional[str]:
+    """Why a new repository may not go into ``directory`` (under ``root``), else None, creating it.
+
+    Each level below the root must be a real directory (no symlink, whatever
+    it points to), neither a git directory nor a work tree; missing levels
+    are made.
+    """
+    current = root
+    for part in os.path.relpath(directory, root).split(os.sep) if directory != root else ():
+        current = os.path.join(current, part)
+        try:
+            os.mkdir(current)
+        except FileExistsError:
+            pass
+        except OSError as error:
+            return f"cannot make {os.path.relpath(current, root)!r}: {error.strerror}"
+        if os.path.islink(current) or not os.path.isdir(current):
+            return f"{os.path.relpath(current, root)!r} is a symlink or not a directory"
+        if os.path.lexists(os.path.join(current, ".git")) or _is_git_dir(current):
+            return f"it would lie inside the repository {os.path.relpath(current, root)!r}"
+    return None
+
+
+def create_repository(
+    root: str, name: str, git: str = "git", env: Optional[Mapping[str, str]] = None
+) -> Optional[Repository]:
+    """Create the bare repository ``name`` (``.git`` added) under ``root``, or find it made meanwhile.
+
+    It is made whole in a temporary directory beside its place, then renamed
+    there, so no lookup ever finds half a repository, and of two creations
+    at once, one wins the rename and the other uses the winner's.  Returns
+    None, logging why, for a name :func:`resolve_repository` would refuse or
+    a place it would not serve, or one with a part that starts with a dot
+    (``.git``, hidden directories, the temporary directories of creations).
+    """
+    name = clean_name(name)
+    if name is None:
+        return None
+    if env is None:
+        from .backend import server_environment  # imports this module: not at the top
+
+        env = server_environment()
+    stem = name[:-4] if name.endswith(".git") else name
+    if any(not part or part.startswith(".") for part in stem.split("/")):
+        # ``team/.git`` would make ``team`` a work tree, hiding every repository in it.
+        log.warning("not creating repository %r: a part of the name is empty or starts with a dot", name)
+        return None
+    target = os.path.join(root, stem + ".git")
+    parent = os.path.dirname(target)
+    reason = _why_not_created(root, parent)
+    if reason is None and os.path.lexists(target):
+        reason = "something else has that name"
+    if reason is None and os.path.realpath(parent) != parent:
+        reason = "its directory's real path is another"
+    if reason is not None:
+        found = resolve_repository(root, name)  # made by a push that raced this one?
+        if found is None:
+            log.warning("not creating repository %r: %s", name, reason)
+        return found
+    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.creating-", dir=parent)
+    try:
+        subprocess.run(
+            [git, "init", "-q", "--bare", scratch],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            check=True,
+        )
+        hook = os.path.join(scratch, "hooks", "post-receive")
+        os.makedirs(os.path.dirname(hook), exist_ok=True)
+        with open(hook, "w", encoding="utf-8") as f:
+            f.write(_FIRST_PUSH_HOOK)
+        os.chmod(hook, 0o755)
+        os.rename(scratch, target)  # fails if another creation got there first: the target is not empty
+        scratch = ""
+        log.info("created repository %r for a push", os.path.relpath(target, root))
+    except subprocess.CalledProcessError as error:
+        log.error("cannot create repository %r: git init: %s", name, error.stderr.decode(errors="replace"))
+    except OSError as error:
+        if not os.path.isdir(target):
+            log.error("cannot create repository %r: %s", name, error)
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return resolve_repository(root, name)
 
 
 #: A repository's effective config: lower-cased keys; ``None`` for a bare key (``[http] uploadpack``).

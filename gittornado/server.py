@@ -95,6 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--accessfile", help="users.ini with users, password hashes and per-repository rights"
     )
     parser.add_argument(
+        "--create-on-push",
+        action="store_true",
+        help="a push to a repository that does not exist creates it (bare), if the user's rules grant rw "
+        "on its name (default: off, 404)",
+    )
+    parser.add_argument(
         "--realm", default="gittornado", help="HTTP Basic realm shown to clients (default: gittornado)"
     )
     parser.add_argument(
@@ -337,7 +343,7 @@ async def serve(
     """
     processes = GitProcesses(limit=args.max_git_processes)
     backend = GitBackend(
-        lookup=RepositoryRoot(os.path.realpath(args.gitbase)),
+        lookup=RepositoryRoot(os.path.realpath(args.gitbase), create_on_push=args.create_on_push),
         policy=policy,
         max_body_size=args.max_body_size,
         max_fetch_body_size=args.max_fetch_body_size,

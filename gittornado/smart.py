@@ -43,7 +43,9 @@ class InfoRefsHandler(GitHandler):
         service = SERVICES.get(service_name)
         if service is None or not service.advertises:
             raise HTTPError(400, reason="Unknown service")
-        repo, grant = await self.open_repository(name, service.permission)
+        repo, grant = await self.open_repository(
+            name, service.permission, create=service.permission is Permission.WRITE
+        )
         config = await self.require_switch(repo, service.switch)
         protocol = git_protocol(self.request.headers.get("Git-Protocol")) or ""
         if not include_body:
@@ -97,7 +99,9 @@ class ServiceHandler(GitHandler):
     async def prepare(self) -> None:
         name, service_name = self.path_args
         service = SERVICES[service_name]
-        repo, grant = await self.open_repository(name, service.permission)
+        repo, grant = await self.open_repository(
+            name, service.permission, create=service.permission is Permission.WRITE
+        )
         config = await self.require_switch(repo, service.switch)
         content_type = self.request.headers.get("Content-Type", "")
         if content_type.split(";")[0].strip() != service.request_type:

@@ -1,4 +1,4 @@
-"""The users.ini grammar: sections, users, groups and per-repository rules.
+"""The users.ini grammar: sections, users, groups, per-repository rules and tokens.
 
 Read by the access policy (:mod:`gittornado.inipolicy`) and edited by
 ``gittornado-passwd`` (:mod:`gittornado.passwd`), so both see one file the
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Callable, Dict, FrozenSet, List, Mapping, Optional, Pattern, Set, Tuple
 
 from .permission import Permission
@@ -21,13 +22,18 @@ from .permission import Permission
 #: Says which accepted hash scheme a [users] value is in, or None; raises ValueError for a malformed hash.
 HashScheme = Callable[[str], Optional[str]]
 
-_SECTIONS = ("users", "groups", "access")
+_SECTIONS = ("users", "groups", "access", "tokens")
 #: An inline comment: ``;`` or ``#`` at the start of a line or after whitespace
 #: (no hash format contains whitespace, so a hash is never cut).
 _COMMENT = re.compile(r"(?:^|\s)[;#]")
 _DELIMITER = re.compile(r"[=:]")
 #: Characters a user name may not contain: the file's own syntax and whitespace.
 _NOT_IN_NAME = re.compile(r"[\s=:;#\[\],]|[\x00-\x1f\x7f]")
+#: A [tokens] key: the id that is part of the token (:func:`gittornado.passwords.new_token`).
+_TOKEN_ID = re.compile(r"[0-9a-f]{12}")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+#: How [tokens] lines write expiry times: UTC, to the second.
+EXPIRY_FORMAT = "%Y-%m-%dT%H:%M:%SZ"
 
 
 class AccessFileError(ValueError):
@@ -140,18 +146,58 @@ class RepositoryRule:
         return self.regex.fullmatch(_strip_git(repository)) is not None
 
 
+def allowed_by(rules: Tuple[RepositoryRule, ...], repository: str, permission: Permission) -> bool:
+    """Whether any of ``rules`` grants ``permission`` on ``repository`` (``rw`` implies ``r``)."""
+    return any((rule.write or permission is Permission.READ) and rule.matches(repository) for rule in rules)
+
+
+def format_expiry(when: datetime) -> str:
+    """``when`` as [tokens] lines write it (``2027-02-27T04:50:08Z``)."""
+    return when.astimezone(timezone.utc).strftime(EXPIRY_FORMAT)
+
+
+@dataclass(frozen=True)
+class Token:
+    """A [tokens] line: ``id = user sha256 expiry rule, rule...``.
+
+    A token logs ``user`` in until ``expires``, and only for what its
+    ``rules`` (the [access] syntax) grant: the policy intersects them with
+    the user's own rights.  ``digest`` is the token's SHA-256, never the token.
+    """
+
+    id: str
+    user: str
+    digest: str = field(repr=False)
+    expires: datetime
+    rules: Tuple[RepositoryRule, ...]
+
+    def expired(self, now: datetime) -> bool:
+        """Whether the token no longer logs anyone in at ``now``."""
+        return now >= self.expires
+
+    def allows(self, repository: str, permission: Permission) -> bool:
+        """Whether the token's scope covers ``permission`` on ``repository``."""
+        return allowed_by(self.rules, repository, permission)
+
+    @property
+    def scope(self) -> str:
+        """The rules as the file writes them (``team/*=rw, docs=rw``)."""
+        return ", ".join(f"{rule.pattern}={'rw' if rule.write else 'r'}" for rule in self.rules)
+
+
 @dataclass(frozen=True)
 class AccessRules:
     """The decision table of one users.ini.
 
     ``users`` maps names to password hashes, ``groups`` group names (without
     ``@``) to members, ``grants`` each subject of an [access] line (``*``, a
-    user name or ``@group``) to its rules.
+    user name or ``@group``) to its rules, ``tokens`` token ids to tokens.
     """
 
     users: Mapping[str, str]
     groups: Mapping[str, FrozenSet[str]]
     grants: Mapping[str, Tuple[RepositoryRule, ...]]
+    tokens: Mapping[str, Token] = field(default_factory=dict)
 
     def subjects(self, user: Optional[str]) -> List[str]:
         """The [access] keys that speak for ``user``: ``*``, the user, the user's groups."""
@@ -164,11 +210,8 @@ class AccessRules:
 
         Rights only add up: ``rw`` implies ``r``; no matching rule, no access.
         """
-        return any(
-            (rule.write or permission is Permission.READ) and rule.matches(repository)
-            for subject in self.subjects(user)
-            for rule in self.grants.get(subject, ())
-        )
+        subjects = self.subjects(user)
+        return any(allowed_by(self.grants.get(subject, ()), repository, permission) for subject in subjects)
 
 
 def parse_access_file(text: str, filename: str, hash_scheme: HashScheme) -> AccessRules:
@@ -176,9 +219,10 @@ def parse_access_file(text: str, filename: str, hash_scheme: HashScheme) -> Acce
 
     Hashes are checked for a known format here, so a broken line stops the
     server at startup (or a reload) instead of failing logins later.  Error
-    messages name users but never quote a [users] value.
+    messages name users but never quote a [users] or [tokens] value.
     """
     users: Dict[str, str] = {}
+    tokens: Dict[str, Token] = {}
     groups: Dict[str, Set[str]] = {}
     grants: Dict[str, List[RepositoryRule]] = {}
     group_references: List[Tuple[IniLine, str]] = []
@@ -190,7 +234,7 @@ def parse_access_file(text: str, filename: str, hash_scheme: HashScheme) -> Acce
         if line.is_header:
             if line.section not in _SECTIONS:
                 raise AccessFileError(
-                    f"{where}: unknown section [{line.section}] (use [users], [groups], [access])"
+                    f"{where}: unknown section [{line.section}] (use [users], [groups], [access], [tokens])"
                 )
             continue
         if line.key is None:
@@ -199,6 +243,8 @@ def parse_access_file(text: str, filename: str, hash_scheme: HashScheme) -> Acce
             raise AccessFileError(f"{where}: {line.key!r} comes before any [section]")
         if line.section == "users":
             users[line.key] = _checked_hash(line, where, hash_scheme)
+        elif line.section == "tokens":
+            tokens[line.key] = _parse_token(line, where)
         elif line.section == "groups":
             if not valid_user_name(line.key):
                 raise AccessFileError(f"{where}: {line.key!r} is not a valid group name")
@@ -226,7 +272,32 @@ def parse_access_file(text: str, filename: str, hash_scheme: HashScheme) -> Acce
         users=users,
         groups={name: frozenset(members) for name, members in groups.items()},
         grants={subject: tuple(rules) for subject, rules in grants.items()},
+        tokens=tokens,
     )
+
+
+def _parse_token(line: IniLine, where: str) -> Token:
+    """A [tokens] line, or AccessFileError saying what is wrong (never quoting the value)."""
+    token_id = line.key or ""
+    if not _TOKEN_ID.fullmatch(token_id):
+        raise AccessFileError(f"{where}: a token id is 12 hex digits (gittornado-passwd --new-token)")
+    fields = line.value.split(None, 3)
+    if len(fields) < 4:
+        raise AccessFileError(f"{where}: token {token_id}: expected user sha256 expiry repository=r|rw, ...")
+    user, digest, expiry, scope = fields
+    if not valid_user_name(user):
+        raise AccessFileError(f"{where}: token {token_id}: not a valid user name")
+    if not _SHA256_HEX.fullmatch(digest):
+        raise AccessFileError(f"{where}: token {token_id}: the token's hash must be 64 hex digits (SHA-256)")
+    try:
+        expires = datetime.strptime(expiry, EXPIRY_FORMAT).replace(tzinfo=timezone.utc)
+    except ValueError:
+        raise AccessFileError(f"{where}: token {token_id}: expiry is UTC: 2027-02-27T04:50:08Z") from None
+    try:
+        rules = tuple(RepositoryRule.parse(item) for item in filter(None, map(str.strip, scope.split(","))))
+    except ValueError as error:
+        raise AccessFileError(f"{where}: token {token_id}: {error}") from None
+    return Token(token_id, user, digest, expires, rules)
 
 
 def _checked_hash(line: IniLine, where: str, hash_scheme: HashScheme) -> str:

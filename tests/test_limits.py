@@ -152,7 +152,7 @@ async def test_failing_hook_gives_the_client_git_s_reason(
 
 VALUE = r'(?:"(?:[^"\\]|\\.)*"|[^\s"]+)'  # plain, or a JSON string
 LINE = re.compile(
-    rf"time=\S+Z client=(?P<client>\S+) user=(?P<user>{VALUE}) repo=(?P<repo>{VALUE}) "
+    rf"time=\S+Z client=(?P<client>\S+) user=(?P<user>{VALUE}) auth=\S+ repo=(?P<repo>{VALUE}) "
     r"service=(?P<service>\S+) "
     r"method=(?P<method>[A-Z]+) status=(?P<status>\d+) in=(?P<bytes_in>\d+) out=(?P<bytes_out>\d+) "
     r"duration_ms=[\d.]+ git_exit=(?P<git_exit>\S+)"
