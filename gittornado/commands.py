@@ -46,6 +46,19 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
+#: The shortest grace accepted: git's prune and gittornado's quarantine removal would otherwise take
+#: the objects of a push still in progress (git's documentation warns against ``--expire=now``).
+MIN_GRACE = 3600.0
+
+
+def parse_grace(text: str) -> float:
+    """A :func:`parse_duration` of at least :data:`MIN_GRACE`."""
+    seconds = parse_duration(text)
+    if seconds < MIN_GRACE:
+        raise argparse.ArgumentTypeError(f"{text!r} is too short: a push in progress may need its objects")
+    return seconds
+
+
 def positive(text: str) -> int:
     """An integer of 1 or more."""
     if not text.isdigit() or int(text) < 1:
@@ -56,10 +69,10 @@ def positive(text: str) -> int:
 def add_grace_option(parser: argparse.ArgumentParser, option: str) -> None:
     parser.add_argument(
         option,
-        type=parse_duration,
+        type=parse_grace,
         default=DEFAULT_GRACE,
         metavar="DURATION",
-        help="keep unreachable objects and abandoned push quarantines this long, e.g. 3d "
+        help="keep unreachable objects and abandoned push quarantines this long, e.g. 3d, at least 1h "
         "(default: 2w, git gc's own)",
     )
 
