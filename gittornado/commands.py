@@ -29,6 +29,7 @@ from .maintenance import (
     find_repositories,
     maintain,
     report_disk_usage,
+    without_auto_gc,
 )
 from .repos import resolve_repository
 
@@ -114,9 +115,14 @@ def start_maintenance(
 ) -> Callable[[], Awaitable[None]]:
     """Give ``backend`` the scheduler the options ask for, and measure ``root``'s size for the metrics.
 
+    With the scheduler, receive-pack's own ``git gc --auto`` is off (see
+    :func:`~gittornado.maintenance.without_auto_gc`).
+
     Returns what stops both at shutdown.
     """
     if not args.no_maintenance:
+        # In place: the config and advertisement caches run git with this same environment.
+        backend.base_env.update(without_auto_gc(backend.base_env))
         settings = MaintenanceSettings(
             grace=args.maintenance_grace,
             verify=args.maintenance_verify,

@@ -108,6 +108,22 @@ def low_priority() -> List[str]:
     return prefix
 
 
+def without_auto_gc(env: Dict[str, str]) -> Dict[str, str]:
+    """``env`` plus ``receive.autogc=false`` as git reads it from the environment (``GIT_CONFIG_COUNT``).
+
+    receive-pack otherwise runs ``git gc --auto`` after a push: once 50 packs
+    pile up, a full repack at normal priority, detached where the server can
+    neither limit nor stop it, on every repository crossing the line at once.
+    """
+    count = int(env.get("GIT_CONFIG_COUNT", "0") or "0")
+    return {
+        **env,
+        "GIT_CONFIG_COUNT": str(count + 1),
+        f"GIT_CONFIG_KEY_{count}": "receive.autogc",
+        f"GIT_CONFIG_VALUE_{count}": "false",
+    }
+
+
 def git_date(seconds_ago: float) -> str:
     """A moment ``seconds_ago`` in the past, as git's ``--expire`` options read it."""
     return f"{int(seconds_ago)}.seconds.ago"

@@ -285,3 +285,17 @@ async def test_the_gittornado_command_maintains_after_a_push(
     while not midx.exists():
         assert time.monotonic() < deadline, server.log()
         await asyncio.sleep(0.1)
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_the_server_turns_off_receive_packs_own_gc(
+    services, git: GitClient, repo: Path, gitbase: Path, tmp_path: Path
+):
+    # git would repack everything, inside the third push, at normal priority.
+    for key, value in (("gc.autoPackLimit", "2"), ("gc.autoDetach", "false"), ("receive.unpackLimit", "1")):
+        git.sync("config", key, value, cwd=repo)
+    server = services.gittornado(gitbase, "--maintenance-delay", "1h")
+    work = tmp_path / "work"
+    await git.run("clone", "-q", f"{server.url}/proj.git", str(work))
+    await push_commits(git, work, 4)
+    assert len(packs(repo)) >= 4
