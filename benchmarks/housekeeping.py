@@ -36,7 +36,7 @@ from gittornado.maintenance import FULL_STAMP, MaintenanceSettings, maintain
 from .repos import WORK, HistorySpec, build, git_env
 from .workloads import PlainUploadPack, fetch_request, replay, response_size
 
-QUICK = HistorySpec(commits=2000, files=1000, blob_bytes=2000, tag_every=200)
+QUICK = HistorySpec(commits=6000, files=3000, blob_bytes=3000, tag_every=500)
 FULL = HistorySpec(commits=10000, files=5000, blob_bytes=4000)
 PUSHES = 300
 GOAL = 1.2
@@ -77,6 +77,7 @@ def push_many(base: Path, env: Dict[str, str], count: int) -> Path:
     """A copy of ``base`` after ``count`` small pushes, each keeping its own pack."""
     repo = copy(base, "pushed.git")
     run(env, "config", "receive.unpackLimit", "1", cwd=repo)
+    run(env, "config", "receive.autogc", "false", cwd=repo)  # nothing tidies up: what pushes alone leave
     work = WORK / "housekeeping" / "work"
     shutil.rmtree(work, ignore_errors=True)
     run(env, "clone", "-q", str(repo), str(work))
@@ -100,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a smaller repository, under 3 minutes")
     args = parser.parse_args(argv)
     spec = QUICK if args.quick else FULL
-    repetitions = 3 if args.quick else 5
+    repetitions = 5 if args.quick else 7
     home = WORK / "home"
     home.mkdir(parents=True, exist_ok=True)
     env = git_env(home)

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import asyncio
+import configparser
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -14,7 +16,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-from conftest import GitClient, make_repo
+from conftest import GitClient, make_repo, require_program
 
 from gittornado import GitBackend, OpenPolicy, RepositoryRoot
 from gittornado.maintenance import (
@@ -32,6 +34,7 @@ from gittornado.process import GitProcesses
 
 DAY = 24 * 3600.0
 WORKTREE = str(Path(__file__).resolve().parent.parent)
+EXAMPLES = Path(WORKTREE) / "examples"
 
 
 def commit(git: GitClient, work: Path, name: str, text: str) -> str:
@@ -270,6 +273,8 @@ def test_maintain_verify_reports_the_broken_repository_and_exits_non_zero(git: G
     assert result.returncode == 0, result.stderr
     result = run_command("maintain", "nosuch", "--gitbase", str(gitbase), env=git.env)
     assert result.returncode == 2 and "nosuch: no such repository" in result.stderr
+    result = run_command("maintain", "--all", "--gitbase", str(gitbase), "--grace", "0", env=git.env)
+    assert result.returncode == 2 and "too short" in result.stderr  # a push in progress needs its objects
 
 
 @pytest.mark.gen_test(timeout=60)
@@ -299,3 +304,25 @@ async def test_the_server_turns_off_receive_packs_own_gc(
     await git.run("clone", "-q", f"{server.url}/proj.git", str(work))
     await push_commits(git, work, 4)
     assert len(packs(repo)) >= 4
+
+
+def test_the_example_timer_and_its_service_run_maintain_all(git: GitClient, gitbase: Path, tmp_path: Path):
+    analyze = require_program("systemd-analyze", "systemd")
+    gittornado = "/opt/gittornado/bin/gittornado"
+    copies = []
+    for name in ("gittornado-maintain.service", "gittornado-maintain.timer"):
+        copies.append(tmp_path / name)
+        text = (EXAMPLES / name).read_text().replace(gittornado, "/bin/true")
+        copies[-1].write_text(text.replace("/srv/git", str(gitbase)).replace("=git\n", "=root\n"))
+    result = subprocess.run([analyze, "verify", *map(str, copies)], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str  # type: ignore[assignment,method-assign]
+    unit.read(EXAMPLES / "gittornado-maintain.service")
+    argv = shlex.split(unit["Service"]["ExecStart"])
+    assert argv[0] == gittornado and unit["Service"]["Type"] == "oneshot"
+    repo = make_repo(git, gitbase, "team/app.git")
+    result = run_command(*(str(gitbase) if arg == "/srv/git" else arg for arg in argv[1:]), env=git.env)
+    assert result.returncode == 0 and "team/app.git: maintained" in result.stderr, result.stderr
+    assert (repo / "objects" / "pack" / "multi-pack-index").exists()
