@@ -16,7 +16,8 @@ changed for the grace period: a push in progress writes into its quarantine,
 so one younger than that may be in use.  ``git prune`` would remove them too,
 but it judges by the directory's own time, which a push writing into
 ``pack/`` below does not change; so each kept quarantine's time is first set
-to its newest content's.
+to its newest content's.  With ``verify``, ``git fsck`` runs first, and a
+repository it finds damaged is reported and left alone.
 
 Once a day (``full_interval``) the repack is a full one instead,
 ``git repack -d -q --cruft --cruft-expiration=<grace> --write-midx
@@ -368,9 +369,12 @@ class MaintenanceScheduler:
         self._timers: Dict[str, asyncio.TimerHandle] = {}
         self._running: Dict[str, asyncio.Task] = {}
         self._again: Set[str] = set()
+        self._closed = False
 
     def pushed(self, git_dir: str) -> None:
         """``git_dir`` changed: maintain it ``delay`` seconds from now, unless it changes again first."""
+        if self._closed:
+            return
         if git_dir in self._running:
             self._again.add(git_dir)
             return
@@ -386,7 +390,8 @@ class MaintenanceScheduler:
         return len(self._timers) + len(self._running)
 
     async def close(self) -> None:
-        """Forget what is scheduled and stop what runs (git's steps are safe to cut off)."""
+        """Forget what is scheduled and stop what runs (git's steps are safe to cut off); schedule no more."""
+        self._closed = True
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
