@@ -326,3 +326,25 @@ def test_the_example_timer_and_its_service_run_maintain_all(git: GitClient, gitb
     result = run_command(*(str(gitbase) if arg == "/srv/git" else arg for arg in argv[1:]), env=git.env)
     assert result.returncode == 0 and "team/app.git: maintained" in result.stderr, result.stderr
     assert (repo / "objects" / "pack" / "multi-pack-index").exists()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_repository_another_worker_maintains_is_retried_not_run_twice(
+    git: GitClient, repo: Path, base_url: str, tmp_path: Path, scheduled: GitBackend
+):
+    lock = repo / LOCK_NAME
+    lock.write_text(f"{socket.gethostname()} {os.getpid()}\n")  # another worker's run, in progress
+    work = tmp_path / "work"
+    await git.run("clone", "-q", f"{base_url}/proj.git", str(work))
+    await push_commits(git, work, 1)
+    await asyncio.sleep(1.5)  # three delays: each attempt found it busy and scheduled another
+    midx = repo / "objects" / "pack" / "multi-pack-index"
+    assert not midx.exists() and lock.exists()
+    assert scheduled.maintenance is not None and scheduled.maintenance.pending == 1
+    lock.unlink()  # the other run ended
+    deadline = time.monotonic() + 10
+    while not midx.exists() or scheduled.maintenance.pending:
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.1)
+    assert not lock.exists()
+    await scheduled.maintenance.close()
