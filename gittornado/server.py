@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gittornado",
         description="Serve a directory of git repositories over HTTP (smart and dumb protocols).",
-        epilog="Without --accessfile anyone may clone and fetch, and nobody may push.",
+        epilog="Without --accessfile anyone may clone and fetch, and nobody may push. "
+        "Also: gittornado maintain --help, gittornado backup --help.",
     )
     parser.add_argument(
         "--port", type=int, default=8080, help="TCP port to listen on (default: 8080; 0 picks a free one)"
