@@ -18,6 +18,7 @@ from tornado.web import HTTPError, RequestHandler
 
 from .access import AccessPolicy, ReadOnlyPolicy
 from .adverts import AdvertisementCache
+from .maintenance import MaintenanceScheduler
 from .observe import Metrics
 from .packcache import PackCache
 from .process import GitProcesses
@@ -87,9 +88,11 @@ class GitBackend:
     their cap; ``metrics``, when set, is served at ``/metrics``; ``adverts``
     replays unchanged upload-pack advertisements; ``push_limits`` says what a
     push may bring (:mod:`gittornado.pushchecks`); ``pack_cache``, when set,
-    shares the packs of identical fetches (:mod:`gittornado.packcache`).  ``git`` and ``base_env``
-    are the git binary and the environment it runs with; the default
-    ``configs`` and ``adverts`` read config with those same two.
+    shares the packs of identical fetches (:mod:`gittornado.packcache`);
+    ``maintenance``, when set, hears of every push that landed and maintains
+    the repository later (:mod:`gittornado.maintenance`).  ``git`` and
+    ``base_env`` are the git binary and the environment it runs with; the
+    default ``configs`` and ``adverts`` read config with those same two.
     """
 
     lookup: Lookup
@@ -104,6 +107,7 @@ class GitBackend:
     adverts: Optional[AdvertisementCache] = None
     pack_cache: Optional[PackCache] = None
     push_limits: PushLimits = field(default_factory=PushLimits)
+    maintenance: Optional[MaintenanceScheduler] = None
     processes: GitProcesses = field(default_factory=GitProcesses)
     base_env: Dict[str, str] = field(default_factory=server_environment)
     #: The requests in progress (a shutdown lets them finish); weak, so none is kept alive by it.

@@ -114,6 +114,24 @@ class Metrics:
         self.token_logins = prom.Counter(
             "gittornado_token_logins", "Requests a token (not a password) logged in", registry=self.registry
         )
+        self.maintenance_runs = prom.Counter(
+            "gittornado_maintenance_runs",
+            "Maintenance runs after pushes, by result (ok, failed, broken: git fsck found damage)",
+            ["result"],
+            registry=self.registry,
+        )
+        self.maintenance_duration = prom.Histogram(
+            "gittornado_maintenance_duration_seconds",
+            "Time one repository's maintenance took",
+            buckets=(0.1, 0.5, 1, 5, 10, 30, 60, 300, 1800, 7200),
+            registry=self.registry,
+        )
+        self.repositories_disk_bytes = prom.Gauge(
+            "gittornado_repositories_disk_bytes",
+            "Bytes the repositories take on disk, measured every few minutes",
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
         running = prom.Gauge(
             "gittornado_git_processes",
             "git processes running",
@@ -132,6 +150,11 @@ class Metrics:
         reader = PackCacheCollector(cache)
         self.registry.register(reader)
         self._readers.append(reader)
+
+    def maintenance_finished(self, result: str, seconds: float) -> None:
+        """Count one maintenance run (see :mod:`gittornado.maintenance`)."""
+        self.maintenance_runs.labels(result).inc()
+        self.maintenance_duration.observe(seconds)
 
     def observe(self, fields: Dict[str, Any], had_credentials: bool) -> None:
         """Count one finished request."""

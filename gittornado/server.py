@@ -28,6 +28,7 @@ from tornado.web import Application
 from . import __version__
 from .access import AccessPolicy, ReadOnlyPolicy
 from .backend import MAX_FETCH_BODY_SIZE, GitBackend
+from .commands import add_maintenance_options, run_subcommand, start_maintenance
 from .connections import ConnectionLimits, raise_descriptor_limit
 from .handlers import NotFoundHandler
 from .httpserver import HardenedHTTPServer
@@ -82,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gittornado",
         description="Serve a directory of git repositories over HTTP (smart and dumb protocols).",
-        epilog="Without --accessfile anyone may clone and fetch, and nobody may push.",
+        epilog="Without --accessfile anyone may clone and fetch, and nobody may push. "
+        "Also: gittornado maintain --help, gittornado backup --help.",
     )
     parser.add_argument(
         "--port", type=int, default=8080, help="TCP port to listen on (default: 8080; 0 picks a free one)"
@@ -245,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="cache a fetch from its Nth identical request on (default: 2, which halves disk writes)",
     )
+    add_maintenance_options(parser)
     parser.add_argument(
         "--log-level",
         default="info",
@@ -354,6 +357,7 @@ async def serve(
         metrics=Metrics(processes, metrics_dir) if args.metrics else None,
         pack_cache=pack_cache(args),
     )
+    stop_maintenance = start_maintenance(args, backend, os.path.realpath(args.gitbase))
     tidying = None
     if backend.pack_cache is not None:
         tidying = asyncio.ensure_future(backend.pack_cache.keep_tidy())
@@ -391,6 +395,7 @@ async def serve(
         await asyncio.sleep(0.1)
     # Nothing of a push stuck in a hook may outlive the server: SIGTERM, SIGKILL, reaped.
     await backend.processes.end_all()
+    await stop_maintenance()
     if tidying is not None:
         tidying.cancel()
     await asyncio.wait_for(server.close_all_connections(), timeout=5)
@@ -437,6 +442,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     file, the certificate, the port) is checked here, once, before any worker
     is forked, so a mistake stops the command instead of a restart loop.
     """
+    status = run_subcommand(sys.argv[1:] if argv is None else argv)  # gittornado maintain, backup
+    if status is not None:
+        raise SystemExit(status)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),

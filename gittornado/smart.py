@@ -159,7 +159,9 @@ class ServiceHandler(GitHandler):
         self.held_back = b""
         await self.pipe.end_input()
         self.set_no_cache()
-        await self.send_git_output(self.service.result_type, failure_status=400)
+        landed = await self.send_git_output(self.service.result_type, failure_status=400)
+        if landed and self.service.permission is Permission.WRITE and self.backend.maintenance is not None:
+            self.backend.maintenance.pushed(self._git_args[0].path)
 
     def on_finish(self) -> None:
         self._cancel_body_timer()
