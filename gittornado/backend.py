@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Dict, Optional, Union
+from typing import TYPE_CHECKING, Awaitable, Callable, Dict, Optional, Union
 from weakref import WeakSet
 
 from tornado.web import HTTPError, RequestHandler
@@ -22,6 +22,9 @@ from .observe import Metrics
 from .packcache import PackCache
 from .process import GitProcesses
 from .repos import ConfigCache, Repository
+
+if TYPE_CHECKING:
+    from .lfs import LfsServer
 
 Lookup = Callable[[str], Union[Optional[Repository], Awaitable[Optional[Repository]]]]
 
@@ -85,7 +88,8 @@ class GitBackend:
     (git starts only then); ``processes`` holds the running git processes and
     their cap; ``metrics``, when set, is served at ``/metrics``; ``adverts``
     replays unchanged upload-pack advertisements; ``pack_cache``, when set,
-    shares the packs of identical fetches (:mod:`gittornado.packcache`).  ``git`` and ``base_env``
+    shares the packs of identical fetches (:mod:`gittornado.packcache`); ``lfs``, when set,
+    serves Git LFS for every repository (:mod:`gittornado.lfs`).  ``git`` and ``base_env``
     are the git binary and the environment it runs with; the default
     ``configs`` and ``adverts`` read config with those same two.
     """
@@ -101,6 +105,7 @@ class GitBackend:
     configs: Optional[ConfigCache] = None
     adverts: Optional[AdvertisementCache] = None
     pack_cache: Optional[PackCache] = None
+    lfs: Optional[LfsServer] = None
     processes: GitProcesses = field(default_factory=GitProcesses)
     base_env: Dict[str, str] = field(default_factory=server_environment)
     #: The requests in progress (a shutdown lets them finish); weak, so none is kept alive by it.

@@ -31,6 +31,7 @@ from .backend import MAX_FETCH_BODY_SIZE, GitBackend
 from .connections import ConnectionLimits, raise_descriptor_limit
 from .handlers import NotFoundHandler
 from .httpserver import HardenedHTTPServer
+from .lfs import LfsServer, secret_file
 from .observe import Metrics, RequestObserver
 from .packcache import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, PackCache
 from .process import GitProcesses
@@ -218,6 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="cache a fetch from its Nth identical request on (default: 2, which halves disk writes)",
     )
     parser.add_argument(
+        "--lfs-max-object-size",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="largest Git LFS object that may be uploaded, e.g. 5G (default: unlimited)",
+    )
+    parser.add_argument(
+        "--lfs-secret-file",
+        metavar="FILE",
+        help="the key that signs Git LFS transfer URLs, made on first start; share it between hosts "
+        "(default: <gitbase>/.gittornado/lfs-secret)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -324,6 +338,7 @@ async def serve(
         processes=processes,
         metrics=Metrics(processes, metrics_dir) if args.metrics else None,
         pack_cache=pack_cache(args),
+        lfs=lfs_server(args),
     )
     tidying = None
     if backend.pack_cache is not None:
@@ -379,6 +394,15 @@ def pack_cache(args: argparse.Namespace) -> Optional[PackCache]:
         raise SystemExit(f"gittornado: --pack-cache {args.pack_cache}: {error.strerror}") from None
 
 
+def lfs_server(args: argparse.Namespace) -> LfsServer:
+    """Git LFS as the options ask for it, with its secret made if there is none yet."""
+    path = args.lfs_secret_file or secret_file(os.path.realpath(args.gitbase))
+    try:
+        return LfsServer.from_secret_file(path, args.lfs_max_object_size)
+    except (OSError, ValueError) as error:
+        raise SystemExit(f"gittornado: --lfs-secret-file: {error}") from None
+
+
 def share_metrics() -> str:
     """A new directory in which the workers of ``--processes`` keep their metrics.
 
@@ -421,6 +445,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit("gittornado: --max-git-processes must be 1 or more")
     if args.pack_cache_min_requests < 1:
         raise SystemExit("gittornado: --pack-cache-min-requests must be 1 or more")
+    lfs_server(args)  # the secret is made once, before any worker starts
     if args.pack_cache:
         pack_cache(args)  # a directory that cannot be made stops the command, not each worker
     if args.processes < 0:

@@ -1,0 +1,257 @@
+"""The basic transfer: ``GET``/``PUT <repo>/info/lfs/objects/<oid>``, and the ``verify`` callback.
+
+Both directions stream: a download is read from disk a chunk at a time
+(with ``Range``, so an interrupted download resumes), an upload is written
+a chunk at a time to a temporary file while its SHA-256 and size are
+counted, and becomes the object only when both match.  File reads, writes
+and hashing run on the :class:`~gittornado.lfs.LfsServer`'s threads, one
+chunk ahead of the network, so memory stays flat and the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+from typing import BinaryIO, Optional, Tuple
+
+from tornado.iostream import StreamClosedError
+from tornado.web import stream_request_body
+
+from ..backend import GitBackend
+from ..permission import Permission
+from ..sizes import CHUNK_SIZE
+from .batch import BAD_OID
+from .handlers import JsonRequestHandler, LfsError, LfsHandler
+from .storage import ObjectUpload, StorageFull, valid_oid
+
+#: Bytes read from disk at once for a download.
+READ_SIZE = 4 * CHUNK_SIZE
+#: A download's cache headers: the URL names content that never changes, for this user only.
+IMMUTABLE = "private, max-age=31536000, immutable"
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def requested_range(header: Optional[str], size: int) -> Optional[Tuple[int, int]]:
+    """The one byte range ``[start, end)`` a ``Range`` header asks of ``size`` bytes; None for all of them.
+
+    Raises :class:`LfsError` 416 for a range outside the object.  Several
+    ranges, or another unit, are answered with the whole object, as RFC 9110
+    allows.
+    """
+    match = _RANGE.fullmatch(header.strip()) if header else None
+    if match is None or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.groups()
+    if first == "":  # the last N bytes
+        start, end = max(size - int(last), 0), size
+    else:
+        start = int(first)
+        end = size if last == "" else min(int(last) + 1, size)
+    if start >= size or start >= end:
+        raise LfsError(416, f"The object has {size} bytes")
+    return start, end
+
+
+def _check_oid(oid: str) -> None:
+    if not valid_oid(oid):
+        raise LfsError(422, BAD_OID)
+
+
+def _read_at(file: BinaryIO, position: int, length: int) -> bytes:
+    return os.pread(file.fileno(), length, position)
+
+
+@stream_request_body
+class ObjectHandler(LfsHandler):
+    """Download (``GET``, ``HEAD``) and upload (``PUT``) one object.
+
+    An upload's body goes to a temporary file while it is counted and
+    hashed; anything but a complete, matching body is thrown away.
+    """
+
+    SUPPORTED_METHODS = ("GET", "HEAD", "PUT")
+
+    def initialize(self, backend: GitBackend) -> None:  # type: ignore[override]
+        super().initialize(backend)
+        self.upload: Optional[ObjectUpload] = None
+        self.received = 0
+        self.expected = 0
+        self.hash = hashlib.sha256()
+        self.writing: Optional[asyncio.Future[None]] = None
+        self.failed = False
+
+    async def get(self, name: str, oid: str) -> None:
+        _check_oid(oid)
+        repo, _, _ = await self.open_signed(name, oid, Permission.READ, "GET")
+        self.service_label = "lfs:download"
+        opened = await asyncio.get_running_loop().run_in_executor(
+            self.lfs.executor, self.lfs.stores(repo).open, oid
+        )
+        if opened is None:
+            raise LfsError(404, "Object does not exist")
+        file, size = opened
+        try:
+            await self._send(file, size)
+        finally:
+            file.close()
+
+    async def head(self, name: str, oid: str) -> None:
+        await self.get(name, oid)
+
+    async def _send(self, file: BinaryIO, size: int) -> None:
+        etag = f'"{self.path_args[1]}"'
+        self.set_header("Content-Type", "application/octet-stream")
+        self.set_header("Accept-Ranges", "bytes")
+        self.set_header("ETag", etag)
+        self.set_header("Cache-Control", IMMUTABLE)
+        if self.request.headers.get("If-None-Match") == etag:
+            self.set_status(304)
+            self.finish()
+            return
+        span = requested_range(self.request.headers.get("Range"), size)
+        start, end = span if span is not None else (0, size)
+        if span is not None:
+            self.set_status(206)
+            self.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.set_header("Content-Length", str(end - start))
+        if self.request.method == "HEAD":
+            self.finish()
+            return
+        loop = asyncio.get_running_loop()
+        position = start
+        reading = loop.run_in_executor(
+            self.lfs.executor, _read_at, file, position, min(READ_SIZE, end - position)
+        )
+        try:
+            while position < end:
+                data = await reading
+                if not data:
+                    raise OSError(f"object shorter than its {size} bytes")
+                position += len(data)
+                if position < end:  # the next chunk is read while this one goes out
+                    reading = loop.run_in_executor(
+                        self.lfs.executor, _read_at, file, position, min(READ_SIZE, end - position)
+                    )
+                self.write(data)
+                await self.flush()
+        except StreamClosedError:
+            return
+        self.finish()
+
+    async def prepare(self) -> None:
+        if self.request.method != "PUT":
+            return
+        name, oid = self.path_args
+        _check_oid(oid)
+        repo, _, signed = await self.open_signed(name, oid, Permission.WRITE, "PUT")
+        self.service_label = "lfs:upload"
+        length = self.request.headers.get("Content-Length")
+        if signed is not None:
+            self.expected = signed.size
+            if length is not None and length != str(signed.size):
+                raise LfsError(400, f"The body must be the object's {signed.size} bytes")
+        elif length is not None and length.isdigit():
+            self.expected = int(length)
+        else:
+            raise LfsError(411, "An upload needs its Content-Length")
+        limit = self.lfs.max_object_size
+        if limit is not None and self.expected > limit:
+            raise LfsError(413, f"The object is larger than this server's limit of {limit} bytes")
+        self.request.connection.set_max_body_size(2**62)  # type: ignore[union-attr]
+        store = self.lfs.stores(repo)
+        try:
+            self.upload = await asyncio.get_running_loop().run_in_executor(
+                self.lfs.executor, store.begin, oid, self.expected
+            )
+        except StorageFull:
+            raise LfsError(507, "The server has no room for the object") from None
+
+    async def data_received(self, chunk: bytes) -> None:
+        if self.upload is None or self.failed:
+            return
+        self.bytes_in += len(chunk)
+        self.received += len(chunk)
+        if self.received > self.expected:
+            self._fail(LfsError(400, f"The body is longer than the object's {self.expected} bytes"))
+            return
+        await self._written()
+        # Written and hashed on a thread while Tornado reads the next chunk.
+        self.writing = asyncio.get_running_loop().run_in_executor(self.lfs.executor, self._store, chunk)
+
+    def _store(self, chunk: bytes) -> None:
+        self.hash.update(chunk)
+        assert self.upload is not None
+        self.upload.write(chunk)
+
+    async def _written(self) -> bool:
+        """Wait for the chunk being written; False (and the answer sent) if writing it failed."""
+        writing, self.writing = self.writing, None
+        if writing is None:
+            return True
+        try:
+            await writing
+            return True
+        except StorageFull:
+            self._fail(LfsError(507, "The server has no room for the object"))
+        return False
+
+    async def put(self, name: str, oid: str) -> None:
+        if self.failed or self.upload is None or not await self._written():
+            return
+        if self.received != self.expected:
+            self._fail(LfsError(400, f"The body is shorter than the object's {self.expected} bytes"))
+            return
+        if self.hash.hexdigest() != oid:
+            self._fail(LfsError(422, "The body's sha256 is not the oid"))
+            return
+        upload, self.upload = self.upload, None
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.lfs.executor, upload.commit)
+        except StorageFull:
+            raise LfsError(507, "The server has no room for the object") from None
+        self.set_no_cache()
+        self.finish()
+
+    def _fail(self, error: LfsError) -> None:
+        """Throw away what was written and answer ``error`` (Tornado then closes the connection)."""
+        self.failed = True
+        self._discard()
+        self.send_error(error.status_code, exc_info=(type(error), error, None))
+
+    def _discard(self) -> None:
+        upload, self.upload = self.upload, None
+        if upload is None:
+            return
+        writing, self.writing = self.writing, None
+        if writing is None:
+            upload.abort()
+        else:  # after the thread has finished with the file
+            writing.add_done_callback(lambda _: upload.abort())
+
+    def on_finish(self) -> None:
+        self._discard()  # an upload that did not complete leaves nothing behind
+        super().on_finish()
+
+    def on_connection_close(self) -> None:
+        self._discard()
+        super().on_connection_close()
+
+
+class VerifyHandler(JsonRequestHandler):
+    """``POST <repo>/info/lfs/objects/<oid>/verify``: does the server have the object, of that size?"""
+
+    SUPPORTED_METHODS = ("POST",)
+
+    async def post(self, name: str, oid: str) -> None:
+        _check_oid(oid)
+        repo, _, _ = await self.open_signed(name, oid, Permission.WRITE, "POST")
+        self.service_label = "lfs:verify"
+        body = self.json_body()
+        stored = self.lfs.stores(repo).size(oid)
+        if stored is None:
+            raise LfsError(404, "Object does not exist")
+        if body.get("oid") != oid or body.get("size") != stored:
+            raise LfsError(422, f"The object has {stored} bytes")
+        self.send_json({"message": "ok"})
