@@ -14,7 +14,7 @@ import asyncio
 import hashlib
 import os
 import re
-from typing import BinaryIO, Optional, Tuple
+from typing import BinaryIO, List, Optional, Tuple
 
 from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
@@ -28,6 +28,8 @@ from .storage import ObjectUpload, StorageFull, valid_oid
 
 #: Bytes read from disk at once for a download.
 READ_SIZE = 4 * CHUNK_SIZE
+#: Bytes of an upload gathered before they are hashed and written (on a thread) at once.
+WRITE_SIZE = 4 * CHUNK_SIZE
 #: A download's cache headers: the URL names content that never changes, for this user only.
 IMMUTABLE = "private, max-age=31536000, immutable"
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -80,6 +82,8 @@ class ObjectHandler(LfsHandler):
         self.expected = 0
         self.hash = hashlib.sha256()
         self.writing: Optional[asyncio.Future[None]] = None
+        self.gathered: List[bytes] = []
+        self.gathered_size = 0
         self.failed = False
 
     async def get(self, name: str, oid: str) -> None:
@@ -176,17 +180,33 @@ class ObjectHandler(LfsHandler):
         if self.received > self.expected:
             self._fail(LfsError(400, f"The body is longer than the object's {self.expected} bytes"))
             return
-        await self._written()
-        # Written and hashed on a thread while Tornado reads the next chunk.
-        self.writing = asyncio.get_running_loop().run_in_executor(self.lfs.executor, self._store, chunk)
+        self.gathered.append(chunk)
+        self.gathered_size += len(chunk)
+        if self.gathered_size >= WRITE_SIZE:
+            await self._write_gathered()
 
-    def _store(self, chunk: bytes) -> None:
-        self.hash.update(chunk)
+    async def _write_gathered(self) -> bool:
+        """Hand the gathered pieces to a thread, once the previous ones are written; False if writing failed.
+
+        The thread hashes and writes while Tornado reads on; pieces are
+        gathered to :data:`WRITE_SIZE` first, since the body arrives in
+        pieces as small as the socket gives, and each trip to a thread costs.
+        """
+        if not await self._written():
+            return False
+        pieces, self.gathered, self.gathered_size = self.gathered, [], 0
+        if pieces:
+            self.writing = asyncio.get_running_loop().run_in_executor(self.lfs.executor, self._store, pieces)
+        return True
+
+    def _store(self, pieces: List[bytes]) -> None:
         assert self.upload is not None
-        self.upload.write(chunk)
+        for piece in pieces:
+            self.hash.update(piece)
+            self.upload.write(piece)
 
     async def _written(self) -> bool:
-        """Wait for the chunk being written; False (and the answer sent) if writing it failed."""
+        """Wait for the pieces being written; False (and the answer sent) if writing them failed."""
         writing, self.writing = self.writing, None
         if writing is None:
             return True
@@ -198,7 +218,12 @@ class ObjectHandler(LfsHandler):
         return False
 
     async def put(self, name: str, oid: str) -> None:
-        if self.failed or self.upload is None or not await self._written():
+        if (
+            self.failed
+            or self.upload is None
+            or not await self._write_gathered()
+            or not await self._written()
+        ):
             return
         if self.received != self.expected:
             self._fail(LfsError(400, f"The body is shorter than the object's {self.expected} bytes"))
