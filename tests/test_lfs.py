@@ -18,7 +18,7 @@ from typing import Dict, List, Optional
 
 import pytest
 from conftest import require_program
-from deploy_helpers import Gittornado, Services, init_bare
+from deploy_helpers import Gittornado, Services, free_port, init_bare
 
 from gittornado.lfs import locked_paths
 
@@ -284,3 +284,33 @@ def test_lfs_under_a_prefix(serve, client_for, tmp_path: Path, gitbase: Path):
     assert stored(gitbase, contents["p.bin"]).exists()
     alice.run("clone", "-q", f"{server.url}/proj.git", str(tmp_path / "clone"))
     assert (tmp_path / "clone" / "p.bin").read_bytes() == contents["p.bin"]
+
+
+def test_lfs_behind_nginx_with_tls(
+    serve, services: Services, client_for, tmp_path: Path, gitbase: Path, certificate
+):
+    """examples/nginx.conf: TLS at nginx, /git/ passed to gittornado --prefix /git --xheaders."""
+    require_program("nginx", "nginx")
+    server = serve("--prefix", "/git", "--xheaders")
+    http_port, https_port = free_port(), free_port()
+    cert, key = certificate
+    services.nginx(
+        "nginx.conf",
+        {
+            "server 127.0.0.1:8080;": f"server 127.0.0.1:{server.port};",
+            "listen 80;": f"listen 127.0.0.1:{http_port};",
+            "listen 443 ssl;": f"listen 127.0.0.1:{https_port} ssl;",
+            "/etc/letsencrypt/live/git.example.com/fullchain.pem": str(cert),
+            "/etc/letsencrypt/live/git.example.com/privkey.pem": str(key),
+        },
+        ports=[http_port, https_port],
+    )
+    url = f"https://127.0.0.1:{https_port}/git/proj.git"
+    alice = client_for("alice")
+    alice.run("config", "--global", "http.sslCAInfo", str(cert))
+    contents = push_lfs_files(alice, url, tmp_path / "work", {"n.bin": 2_000_000})
+    assert stored(gitbase, contents["n.bin"]).read_bytes() == contents["n.bin"]
+    alice.run("clone", "-q", url, str(tmp_path / "clone"))
+    assert (tmp_path / "clone" / "n.bin").read_bytes() == contents["n.bin"]
+    # The signed URLs named nginx's address with its port, as the client reached it: the PUT went through.
+    assert any("method=PUT status=200" in line for line in access_lines(server, "lfs:upload"))
