@@ -16,6 +16,7 @@ from tornado.web import URLSpec
 from .access import AccessPolicy, ReadOnlyPolicy
 from .backend import GitBackend, Lookup
 from .dumb import PackListHandler, RepositoryFileHandler
+from .lfs import LfsServer
 from .lfs.batch import BatchHandler
 from .lfs.lockapi import LocksHandler, LockVerifyHandler, UnlockHandler
 from .lfs.transfer import ObjectHandler, VerifyHandler
@@ -37,6 +38,7 @@ def git_routes(
     lookup: Optional[Lookup] = None,
     policy: Optional[AccessPolicy] = None,
     max_body_size: Optional[int] = None,
+    lfs: Optional[LfsServer] = None,
 ) -> List[Rule]:
     """Return the URL rules that serve git repositories under ``prefix``.
 
@@ -45,7 +47,8 @@ def git_routes(
     :class:`~gittornado.repos.Repository` or ``None``).  ``policy`` defaults
     to :class:`~gittornado.access.ReadOnlyPolicy`: anyone may read, nobody
     may push.  ``max_body_size`` caps request bodies in bytes (``None``:
-    unlimited, as git's own pushes need).
+    unlimited, as git's own pushes need).  ``lfs`` (an
+    :class:`~gittornado.lfs.LfsServer`) serves Git LFS for every repository too.
 
     Mount the result in any :class:`tornado.web.Application`::
 
@@ -57,6 +60,7 @@ def git_routes(
         lookup=lookup if lookup is not None else RepositoryRoot(root),  # type: ignore[arg-type]
         policy=policy if policy is not None else ReadOnlyPolicy(),
         max_body_size=max_body_size,
+        lfs=lfs,
     )
     return routes_for(backend, prefix)
 

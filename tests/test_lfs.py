@@ -314,3 +314,25 @@ def test_lfs_behind_nginx_with_tls(
     assert (tmp_path / "clone" / "n.bin").read_bytes() == contents["n.bin"]
     # The signed URLs named nginx's address with its port, as the client reached it: the PUT went through.
     assert any("method=PUT status=200" in line for line in access_lines(server, "lfs:upload"))
+
+
+def test_workers_of_processes_share_the_secret_and_the_locks(
+    serve, client_for, tmp_path: Path, gitbase: Path
+):
+    server = serve("--processes", "2")
+    alice, carol = client_for("alice"), client_for("carol")
+    sizes = {f"{i}.bin": 20_000 + i for i in range(12)}
+    contents = push_lfs_files(alice, f"{server.url}/proj.git", tmp_path / "work", sizes)
+    # A URL signed by one worker is honoured by whichever worker the PUT reaches.
+    uploads = [line for line in access_lines(server, "lfs:upload") if "method=PUT" in line]
+    assert len(uploads) == 12 and all("status=200" in line for line in uploads)
+    assert (
+        len({line.split("[")[1].split("]")[0] for line in server.log().splitlines() if "access[" in line})
+        == 2
+    )
+    assert all(stored(gitbase, data).exists() for data in contents.values())
+    carol.run("clone", "-q", f"{server.url}/proj.git", str(tmp_path / "carol"))
+    assert "Locked 0.bin" in alice.run("lfs", "lock", "0.bin", cwd=tmp_path / "work").stdout
+    for _ in range(4):  # whichever worker answers, the lock is there
+        refused = carol.run("lfs", "lock", "0.bin", cwd=tmp_path / "carol", check=False)
+        assert refused.returncode != 0 and "already created lock" in refused.stderr + refused.stdout

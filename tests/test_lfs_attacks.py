@@ -47,7 +47,7 @@ def policy() -> AccessPolicy:
 
 @pytest.fixture
 def backend(gitbase: Path, policy: AccessPolicy) -> GitBackend:
-    lfs = LfsServer.from_secret_file(str(gitbase / ".gittornado" / "lfs-secret"), max_object_size=2**20)
+    lfs = LfsServer.from_secret_file(str(gitbase / ".gittornado" / "lfs-secret"), max_object_size=4 * 2**20)
     return GitBackend(lookup=RepositoryRoot(str(gitbase)), policy=policy, lfs=lfs)
 
 
@@ -112,8 +112,8 @@ async def test_malformed_objects_get_per_object_422_and_nothing_is_stored(base_u
     assert code == 200
     assert [o["error"]["code"] for o in answer["objects"]] == [422] * len(bad)
     assert all("actions" not in o for o in answer["objects"])
-    # Too large for this server (its cap is 1 MiB): refused before any byte moves.
-    code, answer = await batch(base_url, objects("upload", {"oid": OID, "size": 2**20 + 1}))
+    # Too large for this server (its cap is 4 MiB): refused before any byte moves.
+    code, answer = await batch(base_url, objects("upload", {"oid": OID, "size": 4 * 2**20 + 1}))
     assert (
         answer["objects"][0]["error"]["code"] == 422 and "limit" in answer["objects"][0]["error"]["message"]
     )
@@ -182,14 +182,17 @@ async def test_uploads_that_do_not_match_are_thrown_away(base_url: str, repo: Pa
     # The right length, the wrong content.
     response = await fetch(href, "PUT", b"z" * len(data), user=None)
     assert response.code == 422 and json.loads(response.body)["message"] == "The body's sha256 is not the oid"
-    # A body cut short: the client announces all of it, sends half and leaves.
+    # A body cut short: the client announces all of it, sends most of it (a thread is writing) and leaves.
+    data = os.urandom(3_500_000)
+    oid = hashlib.sha256(data).hexdigest()
+    href = await upload_href(base_url, oid, len(data))
     path = urlsplit(href)
     head = (
         f"PUT {path.path}?{path.query} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n"
         "Connection: close\r\n\r\n"
     ).encode()
     reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
-    writer.write(head + data[:50_000])
+    writer.write(head + data[:3_000_000])
     await writer.drain()
     await asyncio.sleep(0.3)
     writer.close()
@@ -280,10 +283,10 @@ async def test_a_full_disk_answers_507_and_leaves_nothing(base_url: str, repo: P
 
 @pytest.mark.gen_test(timeout=30)
 async def test_too_large_uploads_are_refused_before_the_body(base_url: str, repo: Path):
-    data = b"q" * (2**20 + 1)
+    data = b"q" * (4 * 2**20 + 1)
     plain = f"{base_url}/proj.git/info/lfs/objects/{hashlib.sha256(data).hexdigest()}"
     response = await fetch(plain, "PUT", data)
-    assert response.code == 413 and "limit of 1048576 bytes" in json.loads(response.body)["message"]
+    assert response.code == 413 and "limit of 4194304 bytes" in json.loads(response.body)["message"]
     assert not (repo / "lfs").exists()
 
 
@@ -348,3 +351,23 @@ async def test_downloads_resume_with_range_and_are_immutable(base_url: str, repo
     outside = await fetch(get, user=None, Range="bytes=900000-")
     assert outside.code == 416 and json.loads(outside.body)["message"] == f"The object has {len(data)} bytes"
     assert (await fetch(get, user=None, **{"If-None-Match": f'"{oid}"'})).code == 304
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_hundred_users_locking_one_path_at_once_get_one_lock(base_url: str, repo: Path):
+    locks = f"{base_url}/proj.git/info/lfs/locks"
+    responses = await asyncio.gather(*(fetch(locks, "POST", {"path": "art/model.psd"}) for _ in range(100)))
+    assert sorted(r.code for r in responses) == [201] + [409] * 99
+    winner = next(json.loads(r.body)["lock"] for r in responses if r.code == 201)
+    assert all(json.loads(r.body)["lock"] == winner for r in responses if r.code == 409)
+    assert sorted(p.name for p in (repo / "lfs" / "locks").iterdir()) == [winner["id"]]  # no temporary files
+    listed = json.loads((await fetch(f"{locks}?path=art/model.psd", user="reader")).body)
+    assert listed == {"locks": [winner]}
+    # Path tricks are a path like any other: hashed into a name, never used as one.
+    for path in ("../../../../tmp/x", "/etc/passwd", "a\\..\\b"):
+        assert (await fetch(locks, "POST", {"path": path})).code == 201
+    assert (await fetch(locks, "POST", {"path": "x\u0000y"})).code == 422
+    assert (await fetch(locks, "POST", {"path": ""})).code == 422
+    assert len(list((repo / "lfs" / "locks").iterdir())) == 4
+    bad_id = await fetch(f"{base_url}/proj.git/info/lfs/locks/..%2F..%2Fconfig/unlock", "POST", {})
+    assert bad_id.code == 404 and json.loads(bad_id.body)["message"] == "No such lock"

@@ -196,14 +196,14 @@ class ObjectHandler(LfsHandler):
             return False
         pieces, self.gathered, self.gathered_size = self.gathered, [], 0
         if pieces:
-            self.writing = asyncio.get_running_loop().run_in_executor(self.lfs.executor, self._store, pieces)
+            loop = asyncio.get_running_loop()
+            self.writing = loop.run_in_executor(self.lfs.executor, self._store, self.upload, pieces)
         return True
 
-    def _store(self, pieces: List[bytes]) -> None:
-        assert self.upload is not None
+    def _store(self, upload: ObjectUpload, pieces: List[bytes]) -> None:
         for piece in pieces:
             self.hash.update(piece)
-            self.upload.write(piece)
+            upload.write(piece)
 
     async def _written(self) -> bool:
         """Wait for the pieces being written; False (and the answer sent) if writing them failed."""
@@ -253,7 +253,7 @@ class ObjectHandler(LfsHandler):
         if writing is None:
             upload.abort()
         else:  # after the thread has finished with the file
-            writing.add_done_callback(lambda _: upload.abort())
+            writing.add_done_callback(lambda done: (done.cancelled() or done.exception(), upload.abort()))
 
     def on_finish(self) -> None:
         self._discard()  # an upload that did not complete leaves nothing behind
