@@ -1,4 +1,4 @@
-"""Git LFS transfers through gittornado, side by side with nginx moving the same bytes: ``python -m benchmarks.lfs``.
+"""Git LFS transfers through gittornado beside nginx moving the same bytes: ``python -m benchmarks.lfs``.
 
 nginx is the floor a Python server is measured against: a static file
 served with ``sendfile`` (download), and ``dav_methods PUT`` writing a
@@ -15,14 +15,13 @@ object: streaming means the two are the same.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 from typing import Callable, Dict, List, Tuple
@@ -177,16 +176,17 @@ def main(argv: List[str] | None = None) -> None:
                 for name in ("nginx", "gittornado"):
                     seconds, times = results[direction, name]
                     runs = ", ".join(f"{t:.2f}" for t in times)
-                    print(
-                        f"| {direction} | {name} | {big_size / seconds / 1e6:,.0f} | {runs} | {floor / seconds:.2f}x |"
-                    )
+                    rate = big_size / seconds / 1e6
+                    print(f"| {direction} | {name} | {rate:,.0f} | {runs} | {floor / seconds:.2f}x |")
 
             print("\n# gittornado's own memory (PSS of its process, peak while the transfer runs)\n")
             print("| object | upload peak MiB | download peak MiB |")
             print("| --- | ---: | ---: |")
             for label, (path, oid, size) in objects.items():
-                up = measure_memory(server, lambda: gittornado_upload(server, repo, path, oid, size))
-                down = measure_memory(server, lambda: gittornado_download(server, oid, size))
+                up = measure_memory(
+                    server, functools.partial(gittornado_upload, server, repo, path, oid, size)
+                )
+                down = measure_memory(server, functools.partial(gittornado_download, server, oid, size))
                 print(f"| {label} | {up.own_peak / MIB:.1f} | {down.own_peak / MIB:.1f} |")
         finally:
             nginx.stop()
