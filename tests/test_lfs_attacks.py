@@ -48,7 +48,7 @@ def policy() -> AccessPolicy:
 @pytest.fixture
 def backend(gitbase: Path, policy: AccessPolicy) -> GitBackend:
     lfs = LfsServer.from_secret_file(str(gitbase / ".gittornado" / "lfs-secret"), max_object_size=4 * 2**20)
-    return GitBackend(lookup=RepositoryRoot(str(gitbase)), policy=policy, lfs=lfs)
+    return GitBackend(lookup=RepositoryRoot(str(gitbase)), policy=policy, lfs=lfs, idle_timeout=1.0)
 
 
 async def fetch(
@@ -371,3 +371,19 @@ async def test_a_hundred_users_locking_one_path_at_once_get_one_lock(base_url: s
     assert len(list((repo / "lfs" / "locks").iterdir())) == 4
     bad_id = await fetch(f"{base_url}/proj.git/info/lfs/locks/..%2F..%2Fconfig/unlock", "POST", {})
     assert bad_id.code == 404 and json.loads(bad_id.body)["message"] == "No such lock"
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_stalled_upload_is_ended_by_the_idle_timeout(base_url: str, repo: Path, http_port: int):
+    data = os.urandom(2_000_000)
+    href = urlsplit(await upload_href(base_url, hashlib.sha256(data).hexdigest(), len(data)))
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    writer.write(
+        f"PUT {href.path}?{href.query} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+        + data[:1_500_000]
+    )
+    await writer.drain()  # ... and then nothing more, the connection left open
+    assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server after 1 s of silence
+    writer.close()
+    assert lfs_files(repo) == []
+    await assert_still_serving(base_url, repo)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import os
 import re
 from typing import BinaryIO, List, Optional, Tuple
@@ -25,6 +26,8 @@ from ..sizes import CHUNK_SIZE
 from .batch import BAD_OID
 from .handlers import JsonRequestHandler, LfsError, LfsHandler
 from .storage import ObjectUpload, StorageFull, valid_oid
+
+log = logging.getLogger("gittornado")
 
 #: Bytes read from disk at once for a download.
 READ_SIZE = 4 * CHUNK_SIZE
@@ -83,6 +86,7 @@ class ObjectHandler(LfsHandler):
         self.hash = hashlib.sha256()
         self.writing: Optional[asyncio.Future[None]] = None
         self.gathered: List[bytes] = []
+        self.idle_timer: Optional[asyncio.TimerHandle] = None
         self.gathered_size = 0
         self.failed = False
 
@@ -123,25 +127,34 @@ class ObjectHandler(LfsHandler):
         if self.request.method == "HEAD":
             self.finish()
             return
-        loop = asyncio.get_running_loop()
+        executor, loop = self.lfs.executor, asyncio.get_running_loop()
         position = start
-        reading = loop.run_in_executor(
-            self.lfs.executor, _read_at, file, position, min(READ_SIZE, end - position)
+        reading: Optional[asyncio.Future[bytes]] = loop.run_in_executor(
+            executor, _read_at, file, position, min(READ_SIZE, end - position)
         )
         try:
-            while position < end:
+            while reading is not None:
                 data = await reading
                 if not data:
                     raise OSError(f"object shorter than its {size} bytes")
                 position += len(data)
+                reading = None
                 if position < end:  # the next chunk is read while this one goes out
                     reading = loop.run_in_executor(
-                        self.lfs.executor, _read_at, file, position, min(READ_SIZE, end - position)
+                        executor, _read_at, file, position, min(READ_SIZE, end - position)
                     )
                 self.write(data)
                 await self.flush()
         except StreamClosedError:
             return
+        except OSError:
+            self.request.connection.close()  # type: ignore[union-attr]  # cut: it must not look complete
+            raise
+        finally:
+            if reading is not None:  # the caller closes the file: not while a thread reads it
+                await asyncio.wait([reading])
+                if not reading.cancelled():
+                    reading.exception()  # retrieved: a failed read is not logged as unhandled
         self.finish()
 
     async def prepare(self) -> None:
@@ -171,10 +184,24 @@ class ObjectHandler(LfsHandler):
             )
         except StorageFull:
             raise LfsError(507, "The server has no room for the object") from None
+        self._watch_idle()
+
+    def _watch_idle(self) -> None:
+        """End an upload whose body stalls for the backend's ``idle_timeout``, as git's transfers end."""
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        timeout = self.backend.idle_timeout
+        if timeout:
+            self.idle_timer = asyncio.get_running_loop().call_later(timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        log.info("%s: LFS upload stalled for %ss; closing", self.repository, self.backend.idle_timeout)
+        self.request.connection.close()  # type: ignore[union-attr]  # on_connection_close discards it
 
     async def data_received(self, chunk: bytes) -> None:
         if self.upload is None or self.failed:
             return
+        self._watch_idle()
         self.bytes_in += len(chunk)
         self.received += len(chunk)
         if self.received > self.expected:
@@ -256,6 +283,8 @@ class ObjectHandler(LfsHandler):
             writing.add_done_callback(lambda done: (done.cancelled() or done.exception(), upload.abort()))
 
     def on_finish(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
         self._discard()  # an upload that did not complete leaves nothing behind
         super().on_finish()
 
