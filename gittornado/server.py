@@ -394,13 +394,21 @@ def pack_cache(args: argparse.Namespace) -> Optional[PackCache]:
         raise SystemExit(f"gittornado: --pack-cache {args.pack_cache}: {error.strerror}") from None
 
 
-def lfs_server(args: argparse.Namespace) -> LfsServer:
-    """Git LFS as the options ask for it, with its secret made if there is none yet."""
+def lfs_server(args: argparse.Namespace) -> Optional[LfsServer]:
+    """Git LFS as the options ask for it, with its secret made if there is none yet.
+
+    Without a secret there is no LFS: with ``--lfs-secret-file`` that stops
+    the command; the default place may be unwritable (a read-only
+    ``--gitbase``), which only turns LFS off, with a warning.
+    """
     path = args.lfs_secret_file or secret_file(os.path.realpath(args.gitbase))
     try:
         return LfsServer.from_secret_file(path, args.lfs_max_object_size)
     except (OSError, ValueError) as error:
-        raise SystemExit(f"gittornado: --lfs-secret-file: {error}") from None
+        if args.lfs_secret_file:
+            raise SystemExit(f"gittornado: --lfs-secret-file: {error}") from None
+        log.warning("Git LFS is off: no secret to sign its URLs with (%s); give --lfs-secret-file", error)
+        return None
 
 
 def share_metrics() -> str:

@@ -12,6 +12,8 @@ import base64
 import hashlib
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -336,3 +338,31 @@ def test_workers_of_processes_share_the_secret_and_the_locks(
     for _ in range(4):  # whichever worker answers, the lock is there
         refused = carol.run("lfs", "lock", "0.bin", cwd=tmp_path / "carol", check=False)
         assert refused.returncode != 0 and "already created lock" in refused.stderr + refused.stdout
+
+
+def test_without_a_secret_lfs_is_off_or_the_command_stops(services: Services, gitbase: Path, tmp_path: Path):
+    (gitbase / ".gittornado").write_text("not a directory")  # the default place cannot hold a secret
+    server = services.gittornado_command("--gitbase", str(gitbase))
+    assert "Git LFS is off" in server.log()
+    request = urllib.request.Request(
+        f"{server.url}/proj.git/info/lfs/objects/batch", data=b"{}", method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request)
+    assert refused.value.code == 404  # git itself is still served
+    assert urllib.request.urlopen(f"{server.url}/proj.git/info/refs?service=git-upload-pack").status == 200
+    stopped = subprocess.run(
+        [
+            "gittornado",
+            "--gitbase",
+            str(gitbase),
+            "--port",
+            "0",
+            "--lfs-secret-file",
+            str(gitbase / ".gittornado" / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert stopped.returncode != 0 and "gittornado: --lfs-secret-file:" in stopped.stderr
