@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Awaitable, Callable, Dict, List, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Awaitable, Callable, Dict, List, Optional, Tuple, Union
 from weakref import WeakSet
 
 from tornado.web import HTTPError, RequestHandler
@@ -24,6 +24,9 @@ from .packcache import PackCache
 from .process import GitProcesses
 from .pushchecks import PushChecks, PushLimits
 from .repos import ConfigCache, GitConfig, Repository
+
+if TYPE_CHECKING:
+    from .lfs import LfsServer
 
 Lookup = Callable[[str], Union[Optional[Repository], Awaitable[Optional[Repository]]]]
 
@@ -90,7 +93,8 @@ class GitBackend:
     push may bring (:mod:`gittornado.pushchecks`); ``pack_cache``, when set,
     shares the packs of identical fetches (:mod:`gittornado.packcache`);
     ``maintenance``, when set, hears of every push that landed and maintains
-    the repository later (:mod:`gittornado.maintenance`).  ``git`` and
+    the repository later (:mod:`gittornado.maintenance`); ``lfs``, when set,
+    serves Git LFS for every repository (:mod:`gittornado.lfs`).  ``git`` and
     ``base_env`` are the git binary and the environment it runs with; the
     default ``configs`` and ``adverts`` read config with those same two.
     """
@@ -108,6 +112,7 @@ class GitBackend:
     pack_cache: Optional[PackCache] = None
     push_limits: PushLimits = field(default_factory=PushLimits)
     maintenance: Optional[MaintenanceScheduler] = None
+    lfs: Optional[LfsServer] = None
     processes: GitProcesses = field(default_factory=GitProcesses)
     base_env: Dict[str, str] = field(default_factory=server_environment)
     #: The requests in progress (a shutdown lets them finish); weak, so none is kept alive by it.

@@ -16,6 +16,10 @@ from tornado.web import URLSpec
 from .access import AccessPolicy, ReadOnlyPolicy
 from .backend import GitBackend, Lookup
 from .dumb import PackListHandler, RepositoryFileHandler
+from .lfs import LfsServer
+from .lfs.batch import BatchHandler
+from .lfs.lockapi import LocksHandler, LockVerifyHandler, UnlockHandler
+from .lfs.transfer import ObjectHandler, VerifyHandler
 from .repos import RepositoryRoot
 from .smart import InfoRefsHandler, ServiceHandler
 from .status import HealthHandler, MetricsHandler
@@ -34,6 +38,7 @@ def git_routes(
     lookup: Optional[Lookup] = None,
     policy: Optional[AccessPolicy] = None,
     max_body_size: Optional[int] = None,
+    lfs: Optional[LfsServer] = None,
 ) -> List[Rule]:
     """Return the URL rules that serve git repositories under ``prefix``.
 
@@ -42,7 +47,8 @@ def git_routes(
     :class:`~gittornado.repos.Repository` or ``None``).  ``policy`` defaults
     to :class:`~gittornado.access.ReadOnlyPolicy`: anyone may read, nobody
     may push.  ``max_body_size`` caps request bodies in bytes (``None``:
-    unlimited, as git's own pushes need).
+    unlimited, as git's own pushes need).  ``lfs`` (an
+    :class:`~gittornado.lfs.LfsServer`) serves Git LFS for every repository too.
 
     Mount the result in any :class:`tornado.web.Application`::
 
@@ -54,6 +60,7 @@ def git_routes(
         lookup=lookup if lookup is not None else RepositoryRoot(root),  # type: ignore[arg-type]
         policy=policy if policy is not None else ReadOnlyPolicy(),
         max_body_size=max_body_size,
+        lfs=lfs,
     )
     return routes_for(backend, prefix)
 
@@ -61,8 +68,10 @@ def git_routes(
 def routes_for(backend: GitBackend, prefix: str = "") -> List[Rule]:
     """The URL table for an existing :class:`~gittornado.handlers.GitBackend`.
 
-    ``<prefix>/healthz`` and (when the backend has metrics) ``<prefix>/metrics``
-    cannot collide with a repository: every repository URL has a suffix.
+    With ``backend.lfs``, every repository also serves Git LFS under its
+    ``info/lfs`` (:mod:`gittornado.lfs`).  ``<prefix>/healthz`` and (when the
+    backend has metrics) ``<prefix>/metrics`` cannot collide with a
+    repository: every repository URL has a suffix.
     """
     base = re.escape(prefix.rstrip("/"))
     repo = base + "/(.+?)"
@@ -74,6 +83,16 @@ def routes_for(backend: GitBackend, prefix: str = "") -> List[Rule]:
         URLSpec(rf"{repo}/({_SERVICE})", ServiceHandler, args),
         URLSpec(rf"{base}/healthz", HealthHandler),
     ]
+    if backend.lfs is not None:  # git-lfs finds these by itself: <remote URL>[.git]/info/lfs
+        lfs = rf"{repo}/info/lfs"
+        routes[-1:-1] = [
+            URLSpec(rf"{lfs}/objects/batch", BatchHandler, args),
+            URLSpec(rf"{lfs}/objects/([^/]+)/verify", VerifyHandler, args),
+            URLSpec(rf"{lfs}/objects/([^/]+)", ObjectHandler, args),
+            URLSpec(rf"{lfs}/locks", LocksHandler, args),
+            URLSpec(rf"{lfs}/locks/verify", LockVerifyHandler, args),
+            URLSpec(rf"{lfs}/locks/([^/]+)/unlock", UnlockHandler, args),
+        ]
     if backend.metrics is not None:
         routes.append(URLSpec(rf"{base}/metrics", MetricsHandler, args))
     return routes

@@ -32,6 +32,7 @@ from .commands import add_maintenance_options, run_subcommand, start_maintenance
 from .connections import ConnectionLimits, raise_descriptor_limit
 from .handlers import NotFoundHandler
 from .httpserver import HardenedHTTPServer
+from .lfs import LfsServer, secret_file
 from .observe import Metrics, RequestObserver
 from .packcache import DEFAULT_MAX_AGE, DEFAULT_MAX_BYTES, PackCache
 from .process import GitProcesses
@@ -249,6 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_maintenance_options(parser)
     parser.add_argument(
+        "--lfs-max-object-size",
+        type=parse_size,
+        default=None,
+        metavar="SIZE",
+        help="largest Git LFS object that may be uploaded, e.g. 5G (default: unlimited)",
+    )
+    parser.add_argument(
+        "--lfs-secret-file",
+        metavar="FILE",
+        help="the key that signs Git LFS transfer URLs, made on first start; share it between hosts "
+        "(default: <gitbase>/.gittornado/lfs-secret)",
+    )
+    parser.add_argument(
         "--log-level",
         default="info",
         choices=["debug", "info", "warning", "error"],
@@ -356,6 +370,7 @@ async def serve(
         processes=processes,
         metrics=Metrics(processes, metrics_dir) if args.metrics else None,
         pack_cache=pack_cache(args),
+        lfs=lfs_server(args),
     )
     stop_maintenance = start_maintenance(args, backend, os.path.realpath(args.gitbase))
     tidying = None
@@ -413,6 +428,23 @@ def pack_cache(args: argparse.Namespace) -> Optional[PackCache]:
         raise SystemExit(f"gittornado: --pack-cache {args.pack_cache}: {error.strerror}") from None
 
 
+def lfs_server(args: argparse.Namespace) -> Optional[LfsServer]:
+    """Git LFS as the options ask for it, with its secret made if there is none yet.
+
+    Without a secret there is no LFS: with ``--lfs-secret-file`` that stops
+    the command; the default place may be unwritable (a read-only
+    ``--gitbase``), which only turns LFS off, with a warning.
+    """
+    path = args.lfs_secret_file or secret_file(os.path.realpath(args.gitbase))
+    try:
+        return LfsServer.from_secret_file(path, args.lfs_max_object_size)
+    except (OSError, ValueError) as error:
+        if args.lfs_secret_file:
+            raise SystemExit(f"gittornado: --lfs-secret-file: {error}") from None
+        log.warning("Git LFS is off: no secret to sign its URLs with (%s); give --lfs-secret-file", error)
+        return None
+
+
 def share_metrics() -> str:
     """A new directory in which the workers of ``--processes`` keep their metrics.
 
@@ -458,6 +490,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         raise SystemExit("gittornado: --max-git-processes must be 1 or more")
     if args.pack_cache_min_requests < 1:
         raise SystemExit("gittornado: --pack-cache-min-requests must be 1 or more")
+    lfs_server(args)  # the secret is made once, before any worker starts
     if args.pack_cache:
         pack_cache(args)  # a directory that cannot be made stops the command, not each worker
     if args.processes < 0:

@@ -1,0 +1,311 @@
+"""The basic transfer: ``GET``/``PUT <repo>/info/lfs/objects/<oid>``, and the ``verify`` callback.
+
+Both directions stream: a download is read from disk a chunk at a time
+(with ``Range``, so an interrupted download resumes), an upload is written
+a chunk at a time to a temporary file while its SHA-256 and size are
+counted, and becomes the object only when both match.  File reads, writes
+and hashing run on the :class:`~gittornado.lfs.LfsServer`'s threads, one
+chunk ahead of the network, so memory stays flat and the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import re
+from typing import BinaryIO, List, Optional, Tuple
+
+from tornado.iostream import StreamClosedError
+from tornado.web import stream_request_body
+
+from ..backend import GitBackend
+from ..permission import Permission
+from ..sizes import CHUNK_SIZE
+from .batch import BAD_OID
+from .handlers import JsonRequestHandler, LfsError, LfsHandler
+from .storage import ObjectUpload, StorageFull, valid_oid
+
+log = logging.getLogger("gittornado")
+
+#: Bytes read from disk at once for a download.
+READ_SIZE = 4 * CHUNK_SIZE
+#: Bytes of an upload gathered before they are hashed and written (on a thread) at once.
+WRITE_SIZE = 4 * CHUNK_SIZE
+#: A download's cache headers: the URL names content that never changes, for this user only.
+IMMUTABLE = "private, max-age=31536000, immutable"
+_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+
+
+def requested_range(header: Optional[str], size: int) -> Optional[Tuple[int, int]]:
+    """The one byte range ``[start, end)`` a ``Range`` header asks of ``size`` bytes; None for all of them.
+
+    Raises :class:`LfsError` 416 for a range outside the object.  Several
+    ranges, or another unit, are answered with the whole object, as RFC 9110
+    allows.
+    """
+    match = _RANGE.fullmatch(header.strip()) if header else None
+    if match is None or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.groups()
+    if first == "":  # the last N bytes
+        start, end = max(size - int(last), 0), size
+    else:
+        start = int(first)
+        end = size if last == "" else min(int(last) + 1, size)
+    if start >= size or start >= end:
+        raise LfsError(416, f"The object has {size} bytes")
+    return start, end
+
+
+def _check_oid(oid: str) -> None:
+    if not valid_oid(oid):
+        raise LfsError(422, BAD_OID)
+
+
+def _read_at(file: BinaryIO, position: int, length: int) -> bytes:
+    return os.pread(file.fileno(), length, position)
+
+
+@stream_request_body
+class ObjectHandler(LfsHandler):
+    """Download (``GET``, ``HEAD``) and upload (``PUT``) one object.
+
+    An upload's body goes to a temporary file while it is counted and
+    hashed; anything but a complete, matching body is thrown away.
+    """
+
+    SUPPORTED_METHODS = ("GET", "HEAD", "PUT")
+
+    def initialize(self, backend: GitBackend) -> None:  # type: ignore[override]
+        super().initialize(backend)
+        self.upload: Optional[ObjectUpload] = None
+        self.received = 0
+        self.expected = 0
+        self.hash = hashlib.sha256()
+        self.writing: Optional[asyncio.Future[None]] = None
+        self.gathered: List[bytes] = []
+        self.idle_timer: Optional[asyncio.TimerHandle] = None
+        self.gathered_size = 0
+        self.failed = False
+
+    async def get(self, name: str, oid: str) -> None:
+        _check_oid(oid)
+        repo, _, _ = await self.open_signed(name, oid, Permission.READ, "GET")
+        self.service_label = "lfs:download"
+        opened = await asyncio.get_running_loop().run_in_executor(
+            self.lfs.executor, self.lfs.stores(repo).open, oid
+        )
+        if opened is None:
+            raise LfsError(404, "Object does not exist")
+        file, size = opened
+        try:
+            await self._send(file, size)
+        finally:
+            file.close()
+
+    async def head(self, name: str, oid: str) -> None:
+        await self.get(name, oid)
+
+    async def _send(self, file: BinaryIO, size: int) -> None:
+        etag = f'"{self.path_args[1]}"'
+        self.set_header("Content-Type", "application/octet-stream")
+        self.set_header("Accept-Ranges", "bytes")
+        self.set_header("ETag", etag)
+        self.set_header("Cache-Control", IMMUTABLE)
+        if self.request.headers.get("If-None-Match") == etag:
+            self.set_status(304)
+            self.finish()
+            return
+        span = requested_range(self.request.headers.get("Range"), size)
+        start, end = span if span is not None else (0, size)
+        if span is not None:
+            self.set_status(206)
+            self.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        self.set_header("Content-Length", str(end - start))
+        if self.request.method == "HEAD":
+            self.finish()
+            return
+        executor, loop = self.lfs.executor, asyncio.get_running_loop()
+        position = start
+        reading: Optional[asyncio.Future[bytes]] = loop.run_in_executor(
+            executor, _read_at, file, position, min(READ_SIZE, end - position)
+        )
+        try:
+            while reading is not None:
+                data = await reading
+                if not data:
+                    raise OSError(f"object shorter than its {size} bytes")
+                position += len(data)
+                reading = None
+                if position < end:  # the next chunk is read while this one goes out
+                    reading = loop.run_in_executor(
+                        executor, _read_at, file, position, min(READ_SIZE, end - position)
+                    )
+                self.write(data)
+                await self.flush()
+        except StreamClosedError:
+            return
+        except OSError:
+            self.request.connection.close()  # type: ignore[union-attr]  # cut: it must not look complete
+            raise
+        finally:
+            if reading is not None:  # the caller closes the file: not while a thread reads it
+                await asyncio.wait([reading])
+                if not reading.cancelled():
+                    reading.exception()  # retrieved: a failed read is not logged as unhandled
+        self.finish()
+
+    async def prepare(self) -> None:
+        if self.request.method != "PUT":
+            return
+        name, oid = self.path_args
+        _check_oid(oid)
+        repo, _, signed = await self.open_signed(name, oid, Permission.WRITE, "PUT")
+        self.service_label = "lfs:upload"
+        length = self.request.headers.get("Content-Length")
+        if signed is not None:
+            self.expected = signed.size
+            if length is not None and length != str(signed.size):
+                raise LfsError(400, f"The body must be the object's {signed.size} bytes")
+        elif length is not None and length.isdigit():
+            self.expected = int(length)
+        else:
+            raise LfsError(411, "An upload needs its Content-Length")
+        limit = self.lfs.max_object_size
+        if limit is not None and self.expected > limit:
+            raise LfsError(413, f"The object is larger than this server's limit of {limit} bytes")
+        self.request.connection.set_max_body_size(2**62)  # type: ignore[union-attr]
+        store = self.lfs.stores(repo)
+        try:
+            self.upload = await asyncio.get_running_loop().run_in_executor(
+                self.lfs.executor, store.begin, oid, self.expected
+            )
+        except StorageFull:
+            raise LfsError(507, "The server has no room for the object") from None
+        self._watch_idle()
+
+    def _watch_idle(self) -> None:
+        """End an upload whose body stalls for the backend's ``idle_timeout``, as git's transfers end."""
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        timeout = self.backend.idle_timeout
+        if timeout:
+            self.idle_timer = asyncio.get_running_loop().call_later(timeout, self._stalled)
+
+    def _stalled(self) -> None:
+        log.info("%s: LFS upload stalled for %ss; closing", self.repository, self.backend.idle_timeout)
+        self.request.connection.close()  # type: ignore[union-attr]  # on_connection_close discards it
+
+    async def data_received(self, chunk: bytes) -> None:
+        if self.upload is None or self.failed:
+            return
+        self._watch_idle()
+        self.bytes_in += len(chunk)
+        self.received += len(chunk)
+        if self.received > self.expected:
+            self._fail(LfsError(400, f"The body is longer than the object's {self.expected} bytes"))
+            return
+        self.gathered.append(chunk)
+        self.gathered_size += len(chunk)
+        if self.gathered_size >= WRITE_SIZE:
+            await self._write_gathered()
+
+    async def _write_gathered(self) -> bool:
+        """Hand the gathered pieces to a thread, once the previous ones are written; False if writing failed.
+
+        The thread hashes and writes while Tornado reads on; pieces are
+        gathered to :data:`WRITE_SIZE` first, since the body arrives in
+        pieces as small as the socket gives, and each trip to a thread costs.
+        """
+        if not await self._written():
+            return False
+        pieces, self.gathered, self.gathered_size = self.gathered, [], 0
+        if pieces:
+            loop = asyncio.get_running_loop()
+            self.writing = loop.run_in_executor(self.lfs.executor, self._store, self.upload, pieces)
+        return True
+
+    def _store(self, upload: ObjectUpload, pieces: List[bytes]) -> None:
+        for piece in pieces:
+            self.hash.update(piece)
+            upload.write(piece)
+
+    async def _written(self) -> bool:
+        """Wait for the pieces being written; False (and the answer sent) if writing them failed."""
+        writing, self.writing = self.writing, None
+        if writing is None:
+            return True
+        try:
+            await writing
+            return True
+        except StorageFull:
+            self._fail(LfsError(507, "The server has no room for the object"))
+        return False
+
+    async def put(self, name: str, oid: str) -> None:
+        if (
+            self.failed
+            or self.upload is None
+            or not await self._write_gathered()
+            or not await self._written()
+        ):
+            return
+        if self.received != self.expected:
+            self._fail(LfsError(400, f"The body is shorter than the object's {self.expected} bytes"))
+            return
+        if self.hash.hexdigest() != oid:
+            self._fail(LfsError(422, "The body's sha256 is not the oid"))
+            return
+        upload, self.upload = self.upload, None
+        try:
+            await asyncio.get_running_loop().run_in_executor(self.lfs.executor, upload.commit)
+        except StorageFull:
+            raise LfsError(507, "The server has no room for the object") from None
+        self.set_no_cache()
+        self.finish()
+
+    def _fail(self, error: LfsError) -> None:
+        """Throw away what was written and answer ``error`` (Tornado then closes the connection)."""
+        self.failed = True
+        self._discard()
+        self.send_error(error.status_code, exc_info=(type(error), error, None))
+
+    def _discard(self) -> None:
+        upload, self.upload = self.upload, None
+        if upload is None:
+            return
+        writing, self.writing = self.writing, None
+        if writing is None:
+            upload.abort()
+        else:  # after the thread has finished with the file
+            writing.add_done_callback(lambda done: (done.cancelled() or done.exception(), upload.abort()))
+
+    def on_finish(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+        self._discard()  # an upload that did not complete leaves nothing behind
+        super().on_finish()
+
+    def on_connection_close(self) -> None:
+        self._discard()
+        super().on_connection_close()
+
+
+class VerifyHandler(JsonRequestHandler):
+    """``POST <repo>/info/lfs/objects/<oid>/verify``: does the server have the object, of that size?"""
+
+    SUPPORTED_METHODS = ("POST",)
+
+    async def post(self, name: str, oid: str) -> None:
+        _check_oid(oid)
+        repo, _, _ = await self.open_signed(name, oid, Permission.WRITE, "POST")
+        self.service_label = "lfs:verify"
+        body = self.json_body()
+        stored = self.lfs.stores(repo).size(oid)
+        if stored is None:
+            raise LfsError(404, "Object does not exist")
+        if body.get("oid") != oid or body.get("size") != stored:
+            raise LfsError(422, f"The object has {stored} bytes")
+        self.send_json({"message": "ok"})
