@@ -8,6 +8,7 @@ as ``git http-backend`` does from its CGI variables.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from dataclasses import dataclass, field
@@ -119,6 +120,8 @@ class GitBackend:
     requests: WeakSet[RequestHandler] = field(default_factory=WeakSet)
 
     def __post_init__(self) -> None:
+        if self.lfs is not None and not self.push_limits.lfs_locks:  # a lock binds every client's pushes
+            self.push_limits = dataclasses.replace(self.push_limits, lfs_locks=True)
         self.push_checks = PushChecks(self.push_limits, self.git)
         if self.configs is None:
             self.configs = ConfigCache(self.git, self.base_env)

@@ -258,6 +258,38 @@ def test_two_users_lock_one_file_and_locks_survive_a_restart(
     assert "Locked model.bin" in carol.run("lfs", "lock", "model.bin", cwd=tmp_path / "carol").stdout
 
 
+def test_a_push_over_someone_elses_lock_is_refused_by_the_server(
+    serve, client_for, tmp_path: Path, gitbase: Path
+):
+    """git-lfs checks locks in its pre-push hook; the server checks them too, whatever the client skips."""
+    server = serve()
+    alice, carol = client_for("alice"), client_for("carol")
+    push_lfs_files(alice, f"{server.url}/proj.git", tmp_path / "work", {"model.bin": 1000, "other.bin": 10})
+    carol.run("clone", "-q", f"{server.url}/proj.git", str(tmp_path / "carol"))
+    alice.run("lfs", "lock", "model.bin", cwd=tmp_path / "work")
+    head = subprocess.run(
+        ["git", "-C", str(gitbase / "proj.git"), "rev-parse", "main"], capture_output=True, text=True
+    ).stdout
+    (tmp_path / "carol" / "model.bin").write_bytes(os.urandom(500))
+    carol.run("commit", "-q", "-am", "change a locked file", cwd=tmp_path / "carol")
+    refused = carol.run("push", "--no-verify", "origin", "main", cwd=tmp_path / "carol", check=False)
+    assert refused.returncode != 0
+    assert "remote: gittornado: push refused: model.bin is locked by alice" in refused.stderr
+    after = subprocess.run(
+        ["git", "-C", str(gitbase / "proj.git"), "rev-parse", "main"], capture_output=True, text=True
+    ).stdout
+    assert after == head
+    # A change to an unlocked file lands; so does the lock owner's change to hers.
+    carol.run("reset", "-q", "--hard", "origin/main", cwd=tmp_path / "carol")
+    (tmp_path / "carol" / "other.bin").write_bytes(os.urandom(20))
+    carol.run("commit", "-q", "-am", "change an unlocked file", cwd=tmp_path / "carol")
+    carol.run("push", "-q", "origin", "main", cwd=tmp_path / "carol")  # with git-lfs's hook: it uploads
+    alice.run("pull", "-q", "--rebase", "origin", "main", cwd=tmp_path / "work")
+    (tmp_path / "work" / "model.bin").write_bytes(os.urandom(600))
+    alice.run("commit", "-q", "-am", "alice changes her locked file", cwd=tmp_path / "work")
+    alice.run("push", "-q", "origin", "main", cwd=tmp_path / "work")
+
+
 def test_a_read_only_users_push_is_refused_with_a_clear_message(
     serve, client_for, tmp_path: Path, gitbase: Path
 ):
