@@ -155,4 +155,6 @@ class GitBackend:
         env.setdefault("GIT_COMMITTER_EMAIL", f"{user or 'anonymous'}@http.{address}")
         if protocol is not None:
             env["GIT_PROTOCOL"] = protocol
+        if repository.namespace:
+            env["GIT_NAMESPACE"] = repository.namespace
         return env

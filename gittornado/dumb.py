@@ -102,6 +102,9 @@ class RepositoryFileHandler(GitRequestMixin, StaticFileHandler):
         if path == ALTERNATES:
             self._send_alternates(repo, name)
             return
+        if path == "HEAD" and repo.namespace:
+            self._send_namespace_head(repo)
+            return
         self.root = repo.path
         await super().get(path, include_body)
 
@@ -113,6 +116,21 @@ class RepositoryFileHandler(GitRequestMixin, StaticFileHandler):
             self.set_header(header, value)
         self.set_header("Content-Type", "text/plain; charset=utf-8")
         self.finish(b"".join(line + b"\n" for line in lines))  # Tornado sends no body for HEAD
+
+    def _send_namespace_head(self, repo: Repository) -> None:
+        """The namespace's own HEAD, its target named inside the namespace, as git http-backend sends it."""
+        prefix = repo.namespace_prefix
+        try:
+            with open(os.path.join(repo.path, prefix, "HEAD"), "rb") as f:
+                head = f.read(4096).strip()
+        except OSError:
+            raise HTTPError(404, reason="No HEAD in this namespace") from None
+        if head.startswith(b"ref: " + prefix.encode()):
+            head = b"ref: " + head[len(b"ref: ") + len(prefix) :]
+        for header, value in NO_CACHE.items():
+            self.set_header(header, value)
+        self.set_header("Content-Type", "text/plain; charset=utf-8")
+        self.finish(head + b"\n")
 
     async def head(self, name: str, path: str) -> None:  # type: ignore[override]
         await self.get(name, path, include_body=False)

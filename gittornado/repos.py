@@ -48,11 +48,22 @@ class Repository:
     alias the client used; access rules are matched against it.  ``path`` is
     the absolute git directory (a bare repository, or a work tree's ``.git``).
     ``root`` is the directory it was found under, when it was found under one.
+    ``namespace``, set only by an embedder's lookup (never from the request),
+    serves one git namespace of the directory as a repository of its own
+    (gitnamespaces(7)), smart and dumb answers alike.
     """
 
     name: str
     path: str
     root: Optional[str] = None
+    namespace: Optional[str] = None
+
+    @property
+    def namespace_prefix(self) -> str:
+        """Where its refs live (``refs/namespaces/a/refs/namespaces/b/`` for ``a/b``), or ``""``."""
+        if not self.namespace:
+            return ""
+        return "".join(f"refs/namespaces/{part}/" for part in self.namespace.split("/") if part)
 
 
 def _is_git_dir(path: str) -> bool:

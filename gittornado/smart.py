@@ -13,11 +13,14 @@ from .body import BodyDecoder
 from .handlers import GitHandler, pkt_line
 from .permission import Permission
 from .pipe import GitProcessPipe
+from .repos import Repository
 from .services import GET_ANY_FILE, SERVICES, UPLOAD_PACK, Service
 
-_FOR_EACH_REF_FORMAT = (
-    "%(objectname)%09%(refname)%(if)%(*objectname)%(then)%0a%(*objectname)%09%(refname)^{}%(end)"
-)
+
+def dumb_ref_format(repo: Repository) -> str:
+    """``for-each-ref``'s format of the dumb ref list: ids, names (inside the namespace), peeled tags."""
+    name = f"%(refname:lstrip={repo.namespace_prefix.count('/')})" if repo.namespace else "%(refname)"
+    return f"%(objectname)%09{name}%(if)%(*objectname)%(then)%0a%(*objectname)%09{name}^{{}}%(end)"
 
 
 class InfoRefsHandler(GitHandler):
@@ -36,7 +39,9 @@ class InfoRefsHandler(GitHandler):
                 self.set_header("Content-Type", content_type)
                 return
             # Generated from the live refs, so no `git update-server-info` is needed.
-            args = ["--git-dir", repo.path, "for-each-ref", "--format=" + _FOR_EACH_REF_FORMAT]
+            args = ["--git-dir", repo.path, "for-each-ref", "--format=" + dumb_ref_format(repo)]
+            if repo.namespace:
+                args.append(repo.namespace_prefix)
             await self.start_git(repo, grant, "dumb", args)
             await self.send_git_output(content_type)
             return
@@ -58,8 +63,9 @@ class InfoRefsHandler(GitHandler):
         adverts = self.backend.adverts
         assert adverts is not None  # set by GitBackend
         state = adverts.state(repo.path, config) if service is UPLOAD_PACK else None
+        cached_as = f"{repo.path}\0{repo.namespace or ''}"
         if state is not None:
-            answer = adverts.get(repo.path, protocol, state)
+            answer = adverts.get(cached_as, protocol, state)
             if answer is not None:  # git's own answer, and nothing it is made from has changed
                 self.service_label = label
                 self.set_header("Content-Type", service.advertisement_type)
@@ -69,7 +75,7 @@ class InfoRefsHandler(GitHandler):
         await self.start_git(repo, grant, label, args, config, dict(service.defaults))
         recording = Recording() if state is not None else None
         if await self.send_git_output(service.advertisement_type, prefix, recording) and recording:
-            adverts.put(repo.path, protocol, state, recording)  # type: ignore[arg-type]
+            adverts.put(cached_as, protocol, state, recording)  # type: ignore[arg-type]
 
     async def head(self, name: str) -> None:
         await self.get(name, include_body=False)
