@@ -18,6 +18,7 @@ from weakref import WeakSet
 from tornado.web import HTTPError, RequestHandler
 
 from .access import AccessPolicy, ReadOnlyPolicy
+from .admission import RepositorySlots
 from .adverts import AdvertisementCache
 from .maintenance import MaintenanceScheduler
 from .observe import Metrics
@@ -93,11 +94,13 @@ class GitBackend:
     replays unchanged upload-pack advertisements; ``push_limits`` says what a
     push may bring (:mod:`gittornado.pushchecks`); ``pack_cache``, when set,
     shares the packs of identical fetches (:mod:`gittornado.packcache`);
-    ``maintenance``, when set, hears of every push that landed and maintains
-    the repository later (:mod:`gittornado.maintenance`); ``lfs``, when set,
-    serves Git LFS for every repository (:mod:`gittornado.lfs`).  ``git`` and
-    ``base_env`` are the git binary and the environment it runs with; the
-    default ``configs`` and ``adverts`` read config with those same two.
+    ``pack_slots``, when set, queues fetches that pack beyond a few per
+    repository (:mod:`gittornado.admission`); ``maintenance``, when set,
+    hears of every push that landed and maintains the repository later
+    (:mod:`gittornado.maintenance`); ``lfs``, when set, serves Git LFS for
+    every repository (:mod:`gittornado.lfs`).  ``git`` and ``base_env`` are
+    the git binary and the environment it runs with; the default ``configs``
+    and ``adverts`` read config with those same two.
     """
 
     lookup: Lookup
@@ -112,6 +115,7 @@ class GitBackend:
     adverts: Optional[AdvertisementCache] = None
     pack_cache: Optional[PackCache] = None
     push_limits: PushLimits = field(default_factory=PushLimits)
+    pack_slots: Optional[RepositorySlots] = None
     maintenance: Optional[MaintenanceScheduler] = None
     lfs: Optional[LfsServer] = None
     processes: GitProcesses = field(default_factory=GitProcesses)

@@ -27,6 +27,7 @@ from tornado.web import Application
 
 from . import __version__
 from .access import AccessPolicy, ReadOnlyPolicy
+from .admission import RepositorySlots
 from .backend import MAX_FETCH_BODY_SIZE, GitBackend
 from .commands import add_maintenance_options, run_subcommand, start_maintenance
 from .connections import ConnectionLimits, raise_descriptor_limit
@@ -199,6 +200,15 @@ def build_parser() -> argparse.ArgumentParser:
         "here %(default)s)",
     )
     parser.add_argument(
+        "--max-packs-per-repository",
+        type=int,
+        default=cpu_count(),
+        metavar="N",
+        help="run at most N packing fetches (clones) of one repository at once; more wait in arrival "
+        "order up to 60 seconds, then get 503 with Retry-After; 0: no limit (default: one per CPU, "
+        "here %(default)s)",
+    )
+    parser.add_argument(
         "--max-connections",
         type=int,
         default=None,
@@ -365,6 +375,7 @@ async def serve(
         max_body_size=args.max_body_size,
         max_fetch_body_size=args.max_fetch_body_size,
         push_limits=PushLimits(args.max_push_size, args.max_file_size, args.repo_quota),
+        pack_slots=RepositorySlots(args.max_packs_per_repository) if args.max_packs_per_repository else None,
         idle_timeout=args.idle_timeout or None,
         body_timeout=args.header_timeout or None,
         processes=processes,
@@ -486,6 +497,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     root = os.path.realpath(args.gitbase)
     if not os.path.isdir(root):
         raise SystemExit(f"gittornado: --gitbase {args.gitbase}: not a directory")
+    if args.max_packs_per_repository < 0:
+        raise SystemExit("gittornado: --max-packs-per-repository must be 0 (no limit) or more")
     if args.max_git_processes < 1:
         raise SystemExit("gittornado: --max-git-processes must be 1 or more")
     if args.pack_cache_min_requests < 1:

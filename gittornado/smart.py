@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Optional
+from typing import Callable, Optional
 
 from tornado.web import HTTPError, stream_request_body
 
 from .adverts import Recording
 from .backend import GitBackend, git_protocol
 from .body import BodyDecoder
-from .handlers import GitHandler, pkt_line
+from .handlers import GitHandler, RetryLater, pkt_line
 from .permission import Permission
 from .pipe import GitProcessPipe
+from .process import Busy
 from .repos import Repository
 from .services import GET_ANY_FILE, SERVICES, UPLOAD_PACK, Service
 
@@ -101,6 +102,7 @@ class ServiceHandler(GitHandler):
         self.ignoring_input = False
         self.refused = False
         self._body_timer: Optional[object] = None
+        self._release_slot: Optional[Callable[[], None]] = None
 
     async def prepare(self) -> None:
         name, service_name = self.path_args
@@ -134,7 +136,7 @@ class ServiceHandler(GitHandler):
             return
         try:
             for piece in self.decoder.decode(chunk):
-                pipe = self.pipe or await self._start_git()
+                pipe = self.pipe or await self._start_git(piece)
                 if not pipe.accepting_input:  # git exited or refused: inflating the rest is work for nothing
                     self.ignoring_input = True
                     return
@@ -171,10 +173,21 @@ class ServiceHandler(GitHandler):
 
     def on_finish(self) -> None:
         self._cancel_body_timer()
+        if self._release_slot is not None:
+            self._release_slot()
         super().on_finish()
 
-    async def _start_git(self) -> GitProcessPipe:
+    async def _start_git(self, first_piece: bytes) -> GitProcessPipe:
+        """Start git on the body's first piece; a fetch that will pack waits for a slot of its repository."""
         repo, grant, label, args, config = self._git_args
+        slots = self.backend.pack_slots
+        # A protocol v2 ls-refs packs nothing: it is not queued behind clones.
+        if slots is not None and self.service is UPLOAD_PACK and first_piece[4:19] != b"command=ls-refs":
+            try:
+                self._release_slot = await slots.acquire(repo.path)
+            except Busy as busy:
+                reason = "Too many fetches of this repository at once; retry shortly"
+                raise RetryLater(reason, busy.retry_after) from None
         return await self.start_git(
             repo,
             grant,
