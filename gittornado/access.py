@@ -28,7 +28,7 @@ from tornado.httputil import HTTPServerRequest
 from tornado.web import HTTPError
 
 from .permission import Permission
-from .util import maybe_await
+from .util import maybe_await, moved_names
 
 
 class AuthenticationFailed(Exception):
@@ -158,15 +158,14 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    import importlib
+_find_moved = moved_names(__name__, _MOVED)
 
-    if name in _MOVED:
-        return getattr(importlib.import_module(f"gittornado.{_MOVED[name]}"), name)
+
+def __getattr__(name: str) -> Any:
     if name in ("parse_access_file", "load_access_file"):  # they checked hashes by themselves then
         import functools
 
-        usersfile = importlib.import_module("gittornado.usersfile")
-        passwords = importlib.import_module("gittornado.passwords")
+        from . import passwords, usersfile
+
         return functools.partial(getattr(usersfile, name), hash_scheme=passwords.hash_scheme)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return _find_moved(name)

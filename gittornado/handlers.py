@@ -33,7 +33,7 @@ from .process import Busy, SpawnFailed
 from .relay import OutputRelay
 from .repos import ConfigUnreadable, GitConfig, Repository
 from .services import Switch
-from .util import maybe_await
+from .util import maybe_await, moved_names
 
 log = logging.getLogger("gittornado")
 
@@ -344,9 +344,4 @@ _MOVED = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _MOVED:
-        import importlib
-
-        return getattr(importlib.import_module(f"gittornado.{_MOVED[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_names(__name__, _MOVED)

@@ -26,6 +26,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
+from .lfs.locks import has_locks
 from .repos import GitConfig, Repository
 
 #: The hooks receive-pack may run; each is passed on to the repository's own.
@@ -73,10 +74,15 @@ class PushLimits:
     repo_quota: Optional[int] = None
     lfs_locks: bool = False
 
-    @property
-    def needs_hook(self) -> bool:
-        """Whether a limit is checked in the pre-receive hook (the push size is git's own)."""
-        return self.max_file_size is not None or self.repo_quota is not None or self.lfs_locks
+    def needs_hook(self, repo: Repository) -> bool:
+        """Whether a push to ``repo`` runs the pre-receive check (the push size is git's own).
+
+        Lock checks run only where a lock exists: starting the check costs a
+        push about a tenth of a second, and most repositories have no locks.
+        """
+        if self.max_file_size is not None or self.repo_quota is not None:
+            return True
+        return self.lfs_locks and has_locks(repo.path)
 
 
 class PushChecks:
@@ -93,7 +99,7 @@ class PushChecks:
         env: Dict[str, str] = {}
         if self.limits.max_push_size is not None:
             options += ["-c", f"receive.maxInputSize={self.limits.max_push_size}"]
-        if self.limits.needs_hook:
+        if self.limits.needs_hook(repo):
             options += ["-c", f"core.hooksPath={self.hooks_directory()}"]
             env[LIMITS_VARIABLE] = json.dumps(asdict(self.limits))
             env[REPOSITORY_HOOKS_VARIABLE] = repository_hooks(repo, config)

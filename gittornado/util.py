@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 
 async def maybe_await(func: Callable[..., Any], *args: Any) -> Any:
@@ -16,3 +17,20 @@ async def maybe_await(func: Callable[..., Any], *args: Any) -> Any:
     if inspect.isawaitable(result):
         result = await result
     return result
+
+
+def moved_names(module: str, moved: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` that finds names which moved to other modules of the package.
+
+    ``moved`` maps each old name to the module (``inipolicy`` for
+    ``gittornado.inipolicy``) that holds it now, so ``from gittornado.access
+    import IniPolicy`` keeps working for embedders; the import happens on
+    first use, which also keeps the two modules from importing each other.
+    """
+
+    def find(name: str) -> Any:
+        if name in moved:
+            return getattr(importlib.import_module(f"gittornado.{moved[name]}"), name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return find

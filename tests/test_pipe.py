@@ -34,6 +34,7 @@ from conftest import (
     upload_pack_post,
     wait_until,
 )
+from test_stream import dechunk, head_of, pkt
 
 from gittornado import GitBackend, OpenPolicy, RepositoryRoot
 from gittornado.access import AccessPolicy
@@ -52,27 +53,6 @@ UNKNOWN_OID = "f" * 40
 
 #: A smart info/refs request for the repository named by ``%s``, on a connection closed after it.
 INFO_REFS = b"GET /%s/info/refs?service=git-upload-pack HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-
-
-def pkt(text: str) -> bytes:
-    """One pkt-line."""
-    return b"%04x" % (len(text) + 4) + text.encode()
-
-
-def dechunk(raw: bytes) -> Tuple[bytes, bool]:
-    """Decode a chunked body; also say whether the terminating zero chunk arrived."""
-    body, rest = b"", raw
-    while rest:
-        size_line, _, rest = rest.partition(b"\r\n")
-        size = int(size_line, 16)
-        if size == 0:
-            return body, True
-        body, rest = body + rest[:size], rest[size + 2 :]
-    return body, False
-
-
-def head_of(git: GitClient, repo: Path) -> str:
-    return git.sync("rev-parse", "refs/heads/main", cwd=repo).strip()
 
 
 def make_chain(git: GitClient, path: Path, count: int) -> List[str]:

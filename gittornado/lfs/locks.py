@@ -139,6 +139,15 @@ def _read(name: str) -> Optional[Lock]:
         return None
 
 
+def has_locks(repository_path: str) -> bool:
+    """Whether the repository whose git directory is ``repository_path`` has any lock (one directory read)."""
+    try:
+        with os.scandir(os.path.join(repository_path, "lfs", "locks")) as entries:
+            return any(len(entry.name) == 64 for entry in entries)
+    except OSError:
+        return False
+
+
 def locked_paths(repository_path: str) -> Dict[str, str]:
     """Every locked path of the repository whose git directory is ``repository_path``, with its owner.
 
