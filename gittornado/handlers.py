@@ -230,6 +230,8 @@ class GitHandler(GitRequestMixin, RequestHandler):
         argv += args
         self.service_label = label
         context = f"{repo.name} {label}"
+        if self.client_gone:  # it left while this request waited (for the policy, a queue): start nothing
+            raise HTTPError(400, reason="The client went away")
         try:
             child = await self.backend.processes.start(argv, env, with_stdin)
         except Busy as busy:

@@ -188,6 +188,8 @@ class ServiceHandler(GitHandler):
             except Busy as busy:
                 reason = "Too many fetches of this repository at once; retry shortly"
                 raise RetryLater(reason, busy.retry_after) from None
+            if self.completed:  # the client left while it waited: on_finish has run, give the slot back here
+                self._release_slot()
         return await self.start_git(
             repo,
             grant,

@@ -85,3 +85,26 @@ async def test_fetches_of_one_repository_wait_in_line(
     holder.close()
     assert await wait_until(lambda: slots.waiting_or_running(key) == 0)
     assert await wait_until(lambda: not git_processes_under(gitbase))
+
+
+@pytest.mark.gen_test(timeout=90)
+async def test_a_client_that_leaves_while_queued_gives_its_place_back(
+    git: GitClient, repo: Path, gitbase: Path, base_url: str, http_port: int, slots: RepositorySlots
+):
+    head = push_noise(git, repo, 16)
+    request = upload_pack_post("proj.git", want_request(head))
+    holder = await hold_a_fetch(http_port, request)
+    key = str(repo.resolve())
+    assert await wait_until(lambda: slots.waiting_or_running(key) == 1)
+    _, leaver = await asyncio.open_connection("127.0.0.1", http_port)
+    leaver.write(request)
+    await leaver.drain()
+    assert await wait_until(lambda: slots.waiting_or_running(key) == 2)
+    leaver.close()  # gone while in line
+    await asyncio.sleep(0.3)
+    holder.close()
+    # The one that left never runs git, and no slot stays taken: the next fetch is served at once.
+    assert await wait_until(lambda: slots.waiting_or_running(key) == 0)
+    status, _, body = parse_response(await fetch(http_port, request))
+    assert status == 200 and b"PACK" in body
+    assert await wait_until(lambda: not git_processes_under(gitbase))
