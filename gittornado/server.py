@@ -202,11 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-packs-per-repository",
         type=int,
-        default=cpu_count(),
+        default=None,
         metavar="N",
         help="run at most N packing fetches (clones) of one repository at once; more wait in arrival "
         "order up to 60 seconds, then get 503 with Retry-After; 0: no limit (default: one per CPU, "
-        "here %(default)s)",
+        f"here {cpu_count()}; no limit with --pack-cache, whose followers cost little)",
     )
     parser.add_argument(
         "--max-connections",
@@ -375,7 +375,7 @@ async def serve(
         max_body_size=args.max_body_size,
         max_fetch_body_size=args.max_fetch_body_size,
         push_limits=PushLimits(args.max_push_size, args.max_file_size, args.repo_quota),
-        pack_slots=RepositorySlots(args.max_packs_per_repository) if args.max_packs_per_repository else None,
+        pack_slots=pack_slots(args),
         idle_timeout=args.idle_timeout or None,
         body_timeout=args.header_timeout or None,
         processes=processes,
@@ -425,6 +425,19 @@ async def serve(
     if tidying is not None:
         tidying.cancel()
     await asyncio.wait_for(server.close_all_connections(), timeout=5)
+
+
+def pack_slots(args: argparse.Namespace) -> Optional[RepositorySlots]:
+    """The queue of packing fetches per repository.
+
+    By default one per CPU, so a clone storm runs a few pack-objects at full speed instead of all of them
+    slowly; none with the pack cache, where identical clones follow one writer for little CPU each and a
+    queue would only hold them back.
+    """
+    limit = args.max_packs_per_repository
+    if limit is None:
+        limit = 0 if args.pack_cache else cpu_count()
+    return RepositorySlots(limit) if limit else None
 
 
 def pack_cache(args: argparse.Namespace) -> Optional[PackCache]:
@@ -497,7 +510,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     root = os.path.realpath(args.gitbase)
     if not os.path.isdir(root):
         raise SystemExit(f"gittornado: --gitbase {args.gitbase}: not a directory")
-    if args.max_packs_per_repository < 0:
+    if args.max_packs_per_repository is not None and args.max_packs_per_repository < 0:
         raise SystemExit("gittornado: --max-packs-per-repository must be 0 (no limit) or more")
     if args.max_git_processes < 1:
         raise SystemExit("gittornado: --max-git-processes must be 1 or more")

@@ -108,3 +108,18 @@ async def test_a_client_that_leaves_while_queued_gives_its_place_back(
     status, _, body = parse_response(await fetch(http_port, request))
     assert status == 200 and b"PACK" in body
     assert await wait_until(lambda: not git_processes_under(gitbase))
+
+
+def test_the_command_queues_per_cpu_without_the_pack_cache_and_not_with_it(tmp_path: Path):
+    from tornado.process import cpu_count
+
+    from gittornado.server import build_parser, pack_slots
+
+    plain = pack_slots(build_parser().parse_args([]))
+    assert plain is not None and plain.limit == cpu_count()
+    assert pack_slots(build_parser().parse_args(["--pack-cache", str(tmp_path)])) is None
+    chosen = pack_slots(
+        build_parser().parse_args(["--pack-cache", str(tmp_path), "--max-packs-per-repository", "3"])
+    )
+    assert chosen is not None and chosen.limit == 3
+    assert pack_slots(build_parser().parse_args(["--max-packs-per-repository", "0"])) is None
