@@ -68,7 +68,7 @@ class GitProcesses:
     to ``queue_timeout`` seconds for a free slot before it is refused.
     """
 
-    def __init__(self, limit: Optional[int] = None, queue_timeout: float = 10.0) -> None:
+    def __init__(self, limit: Optional[int] = None, queue_timeout: float = 60.0) -> None:
         self.running: Set[GitChild] = set()
         self.limit = limit
         self.queue_timeout = queue_timeout

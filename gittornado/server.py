@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=GIT_PROCESSES_PER_CPU * cpu_count(),
         metavar="N",
         help="run at most N git processes at once (per worker process); requests beyond wait "
-        f"up to 10 seconds, then get 503 with Retry-After (default: {GIT_PROCESSES_PER_CPU} per CPU, "
+        f"up to 60 seconds, then get 503 with Retry-After (default: {GIT_PROCESSES_PER_CPU} per CPU, "
         "here %(default)s)",
     )
     parser.add_argument(
