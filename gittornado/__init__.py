@@ -12,7 +12,7 @@ from .access import AccessPolicy, AuthenticationFailed, OpenPolicy, ReadOnlyPoli
 from .backend import GitBackend  # noqa: E402
 from .dumb import PackListHandler, RepositoryFileHandler  # noqa: E402
 from .httpserver import HardenedHTTPServer  # noqa: E402
-from .inipolicy import FailureThrottle, IniPolicy  # noqa: E402
+from .inipolicy import IniPolicy  # noqa: E402
 from .observe import Metrics, RequestObserver  # noqa: E402
 from .permission import Permission  # noqa: E402
 from .process import GitProcesses  # noqa: E402
@@ -20,6 +20,7 @@ from .repos import Repository, RepositoryRoot, resolve_repository  # noqa: E402
 from .routes import git_routes, routes_for  # noqa: E402
 from .smart import InfoRefsHandler, ServiceHandler  # noqa: E402
 from .status import HealthHandler, MetricsHandler  # noqa: E402
+from .throttle import FailureThrottle  # noqa: E402
 
 __all__ = [
     "AccessPolicy",

@@ -139,11 +139,11 @@ async def check_access(
     raise AccessDenied(404, "Repository not found")
 
 
-#: Names that moved to :mod:`gittornado.inipolicy`, :mod:`gittornado.usersfile` and
-#: :mod:`gittornado.passwords`, still importable from here.
+#: Names that moved to :mod:`gittornado.inipolicy`, :mod:`gittornado.throttle`,
+#: :mod:`gittornado.usersfile` and :mod:`gittornado.passwords`, still importable from here.
 _MOVED = {
     "IniPolicy": "inipolicy",
-    "FailureThrottle": "inipolicy",
+    "FailureThrottle": "throttle",
     "VerifiedCredentials": "inipolicy",
     "basic_credentials": "inipolicy",
     "AccessFileError": "usersfile",

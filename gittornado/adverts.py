@@ -32,7 +32,7 @@ import time
 from collections import OrderedDict
 from typing import List, Mapping, Optional, Tuple
 
-from .repos import GitConfig, Stamp, config_bool, file_stamp, global_config_files
+from .repoconfig import GitConfig, Stamp, config_bool, file_stamp, global_config_files
 
 #: Seconds every file of a repository state must have been left alone before the state is trusted.
 SETTLED = 1.0

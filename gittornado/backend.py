@@ -25,7 +25,8 @@ from .observe import Metrics
 from .packcache import PackCache
 from .process import GitProcesses
 from .pushchecks import PushChecks, PushLimits
-from .repos import ConfigCache, GitConfig, Repository
+from .repoconfig import ConfigCache, GitConfig
+from .repos import Repository
 
 if TYPE_CHECKING:
     from .lfs import LfsServer

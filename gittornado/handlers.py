@@ -31,7 +31,8 @@ from .permission import Permission
 from .pipe import GitProcessPipe
 from .process import Busy, SpawnFailed
 from .relay import OutputRelay
-from .repos import ConfigUnreadable, GitConfig, Repository
+from .repoconfig import ConfigUnreadable, GitConfig
+from .repos import Repository
 from .services import Switch
 from .util import maybe_await, moved_names
 

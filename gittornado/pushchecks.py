@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 from typing import Dict, List, Optional, Tuple
 
 from .lfs.locks import has_locks
-from .repos import GitConfig, Repository
+from .repoconfig import GitConfig
+from .repos import Repository
 
 #: The hooks receive-pack may run; each is passed on to the repository's own.
 HOOKS = (

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Tuple
 
 from .permission import Permission
-from .repos import GitConfig, config_bool
+from .repoconfig import GitConfig, config_bool
 
 
 class Default(enum.Enum):
