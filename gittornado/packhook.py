@@ -2,10 +2,10 @@
 
 git runs ``uploadpack.packObjectsHook`` as ``<hook> git pack-objects
 <args...>`` with pack-objects' standard input; this answers it through
-:func:`gittornado.packcache.serve`.  Every fetch pays for its start, so
+:func:`gittornado.packentry.serve`.  Every fetch pays for its start, so
 gittornado runs it as ``python -I -S <path of this file>``: no site packages,
-and not the ``gittornado`` package (which imports Tornado), only its
-``packcache`` module and a few standard ones.  That costs about 10 ms more
+and not the ``gittornado`` package's ``__init__`` (which imports Tornado), only
+its ``packentry`` and ``packfiles`` modules and a few standard ones.  That costs about 10 ms more
 than pack-objects alone (``python -m benchmarks.storm`` measures it);
 ``python -m gittornado.packhook`` works too, at the price of importing the
 package.  Without gittornado's settings in the environment it simply runs
@@ -16,17 +16,19 @@ import os
 import sys
 
 if __package__:  # python -m gittornado.packhook
-    from . import packcache
-else:  # python -I -S .../gittornado/packhook.py: load packcache alone, after the standard library
-    sys.path.append(os.path.dirname(os.path.abspath(__file__)))
-    import packcache
+    from . import packentry
+else:  # python -I -S .../gittornado/packhook.py: the package's directory, without its __init__
+    package = type(sys)("gittornado")
+    package.__path__ = [os.path.dirname(os.path.abspath(__file__))]
+    sys.modules["gittornado"] = package
+    from gittornado import packentry
 
 
 def read_input() -> bytes:
     """All of standard input: the wanted and excluded objects (small; git writes it before it reads)."""
     pieces = []
     while True:
-        piece = os.read(0, packcache.CHUNK)
+        piece = os.read(0, packentry.CHUNK)
         if not piece:
             return b"".join(pieces)
         pieces.append(piece)
@@ -36,11 +38,11 @@ def main() -> int:
     """Answer the pack-objects request git hands over in ``sys.argv``."""
     argv = sys.argv[1:]
     env = dict(os.environ)
-    settings = packcache.HookSettings.from_environment(env)
+    settings = packentry.HookSettings.from_environment(env)
     # git may put options before the command (a shallow fetch: ``git --shallow-file "" pack-objects``).
     if settings is None or "pack-objects" not in argv:
         os.execvp(argv[0], argv)
-    return packcache.serve(argv, read_input(), env, settings)
+    return packentry.serve(argv, read_input(), env, settings)
 
 
 if __name__ == "__main__":
