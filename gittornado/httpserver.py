@@ -141,8 +141,8 @@ class HardenedHTTPServer(HTTPServer):
             self._handlers[sock.fileno()] = PausingAcceptor(sock, self._handle_connection).stop
 
     def handle_stream(self, stream: IOStream, address: tuple) -> None:
-        """Refuse the connection if it is over a cap; else prepare its stream (see the module
-        docstring), then serve it as Tornado does."""
+        """Refuse the connection if it is over a cap; else put :class:`~gittornado.framing.ErrorAnswers`
+        on its stream, then serve it as Tornado does."""
         key = address_key(address)
         if len(self.served) >= self.limits.total:
             self.refuse(stream, f"too many connections (at most {self.limits.total}); try again later")
