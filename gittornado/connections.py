@@ -33,7 +33,7 @@ RESERVED_DESCRIPTORS = 32
 #: Descriptors one git process holds in the server: pipes to its stdin, stdout and stderr, and a pidfd.
 GIT_DESCRIPTORS = 4
 #: Connections over a cap answered at once (each holds its descriptor while the answer lingers, see
-#: httpserver.close_gently); further ones are closed without an answer.
+#: framing.close_gently); further ones are closed without an answer.
 MAX_REFUSING = 16
 #: The smallest default cap per client address: a client may fetch several repositories at once.
 MIN_PER_ADDRESS = 8

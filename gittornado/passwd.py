@@ -7,6 +7,7 @@ result still loads, and replaces the file the way git replaces its own files:
 synced, then renamed over the file.  Runs at the same time therefore take
 turns (none loses another's change), and a server reloading the file at any
 moment reads either the old file or the new one, never half of either.
+The edits are :mod:`gittornado.usersedit`'s, the lock :mod:`gittornado.lockfile`'s.
 """
 
 from __future__ import annotations
@@ -14,14 +15,12 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
-import random
 import re
-import stat
 import sys
-import time
 from datetime import datetime, timedelta, timezone
 from typing import Callable, List, Optional, TextIO, Tuple
 
+from .lockfile import DEFAULT_LOCK_WAIT, LockError, LockFile
 from .passwords import (
     BCRYPT_MAX_BYTES,
     DEFAULT_COST,
@@ -31,85 +30,25 @@ from .passwords import (
     new_token,
     token_digest,
 )
+
+# set_entry and set_user are re-exported for old imports (``from gittornado.passwd import set_user``),
+# as are PasswdError, LockFile and DEFAULT_LOCK_WAIT, which this module uses: they all lived here once.
+from .usersedit import (  # noqa: F401
+    PasswdError,
+    add_token,
+    delete_user,
+    revoke_token,
+    set_entry,
+    set_user,
+)
 from .usersfile import (
     AccessFileError,
-    IniLine,
     RepositoryRule,
     format_expiry,
     parse_access_file,
     split_ini_lines,
     valid_user_name,
 )
-
-
-class PasswdError(Exception):
-    """Why the command changed nothing; printed as the command's error message."""
-
-
-def set_entry(text: str, section: str, key: str, value: str) -> str:
-    """Return users.ini ``text`` with ``key = value`` in ``[section]``.
-
-    An existing line keeps its spacing and inline comment; a new key goes
-    after the section's last entry (or its last comment), and a file without
-    the section gets it appended.
-    """
-    lines = split_ini_lines(text)
-    raw = text.split("\n")
-    ending = "\r" if raw and raw[0].endswith("\r") else ""
-    for line in lines:
-        if line.section == section and line.key == key:
-            start, end = line.value_span
-            raw[line.number - 1] = line.text[:start] + value + line.text[end:]
-            return "\n".join(raw)
-    new_line = f"{key} = {value}{ending}"
-    in_section = [line for line in lines if line.section == section and line.text.strip()]
-    entries = [line for line in in_section if line.key]
-    # After the last entry; in a section without entries, after its header and comments.
-    anchor = entries[-1] if entries else in_section[-1] if in_section else None
-    if anchor is not None:
-        raw.insert(anchor.number, new_line)
-        return "\n".join(raw)
-    if text and not text.endswith("\n"):
-        text += ending + "\n"
-    separator = ending + "\n" if text.strip() else ""
-    return f"{text}{separator}[{section}]{ending}\n{new_line}\n"
-
-
-def set_user(text: str, user: str, hashed: str) -> str:
-    """Return users.ini ``text`` with ``user``'s hash set to ``hashed`` (see :func:`set_entry`)."""
-    return set_entry(text, "users", user, hashed)
-
-
-def _without(text: str, doomed: Callable[[IniLine], bool]) -> str:
-    """``text`` without the lines ``doomed`` picks; every other byte stays."""
-    numbers = {line.number for line in split_ini_lines(text) if doomed(line)}
-    return "\n".join(raw for number, raw in enumerate(text.split("\n"), start=1) if number not in numbers)
-
-
-def delete_user(text: str, user: str) -> str:
-    """Return ``text`` without ``user``'s [users] line(s) and tokens; PasswdError if there is no such user.
-
-    Rules and group memberships naming the user stay: they grant nothing
-    without a password, and they come back into force if the user is re-added.
-    Tokens go: a user re-added later should not find old tokens working again.
-    """
-    if not any(line.section == "users" and line.key == user for line in split_ini_lines(text)):
-        raise PasswdError(f"no user {user!r} in [users]")
-    return _without(
-        text,
-        lambda line: (
-            (line.section == "users" and line.key == user)
-            or (line.section == "tokens" and line.value.split(None, 1)[:1] == [user])
-        ),
-    )
-
-
-def revoke_token(text: str, token_id: str) -> str:
-    """Return ``text`` without the [tokens] line of ``token_id``; PasswdError if there is none."""
-    if not any(line.section == "tokens" and line.key == token_id for line in split_ini_lines(text)):
-        raise PasswdError(f"no token {token_id!r} in [tokens]")
-    return _without(text, lambda line: line.section == "tokens" and line.key == token_id)
-
 
 _DURATION = re.compile(r"(\d+)([hdw])")
 _UNITS = {"h": timedelta(hours=1), "d": timedelta(days=1), "w": timedelta(weeks=1)}
@@ -151,90 +90,6 @@ def read_password(stdin: TextIO) -> str:
     if password.startswith(TOKEN_PREFIX):
         raise PasswdError(f"a password may not start with {TOKEN_PREFIX!r}, which marks tokens")
     return password
-
-
-#: Seconds a run waits for another run's lock before giving up (``--wait``).
-DEFAULT_LOCK_WAIT = 10.0
-
-
-class LockFile:
-    """git's lock-file protocol for one file: ``path``.lock holds the new content until it replaces ``path``.
-
-    The lock is created with ``O_CREAT | O_EXCL``, so only one run holds it;
-    another run retries for ``wait`` seconds, then gives up naming the lock.
-    A lock left by a run that died is reported, never removed here: only a
-    person can tell it from a slow run.  Leaving the ``with`` block without
-    :meth:`commit` removes the lock and leaves ``path`` as it was.
-    """
-
-    def __init__(self, path: str, wait: float = DEFAULT_LOCK_WAIT) -> None:
-        self.path = path
-        self.lock = f"{path}.lock"
-        self.wait = wait
-        self._fd: Optional[int] = None
-        self._held = False
-
-    def __enter__(self) -> LockFile:
-        deadline = time.monotonic() + self.wait
-        while True:
-            try:
-                self._fd = os.open(self.lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                self._held = True
-                return self
-            except FileExistsError:
-                if time.monotonic() >= deadline:
-                    raise PasswdError(self._held_by_another()) from None
-                time.sleep(random.uniform(0.01, 0.05))  # out of step with the other waiting runs
-            except OSError as error:
-                raise PasswdError(f"cannot create {self.lock}: {error}") from None
-
-    def __exit__(self, *exc_info: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._held:
-            os.unlink(self.lock)
-            self._held = False
-
-    def _held_by_another(self) -> str:
-        try:
-            age = f" (made {time.time() - os.stat(self.lock).st_mtime:.0f} s ago)"
-        except OSError:
-            age = ""
-        return (
-            f"{self.lock} exists{age}: another gittornado-passwd is changing {self.path}. "
-            f"If none is running, one was interrupted: check {self.path}, then remove {self.lock}"
-        )
-
-    def commit(self, text: str) -> None:
-        """Write ``text`` into the lock, sync it, and rename it over the file.
-
-        The new file keeps the mode and owner of the one it replaces; a new
-        file is readable by its owner only, as it holds password hashes.
-        """
-        assert self._fd is not None, "commit() outside the with block"
-        fd, self._fd = self._fd, None
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-            f.flush()
-            try:
-                st = os.stat(self.path)
-            except FileNotFoundError:
-                pass
-            else:
-                os.fchmod(f.fileno(), stat.S_IMODE(st.st_mode))
-                try:
-                    os.fchown(f.fileno(), st.st_uid, st.st_gid)
-                except PermissionError:
-                    pass  # not root: the file is ours already
-            os.fsync(f.fileno())
-        os.rename(self.lock, self.path)
-        self._held = False
-        dir_fd = os.open(os.path.dirname(self.path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -350,19 +205,14 @@ def _new_token(args: argparse.Namespace, stdout: TextIO) -> str:
     expires = format_expiry(args.expires)
     token_id, token = new_token()
 
-    def add_token(text: str) -> Tuple[str, str]:
-        lines = split_ini_lines(text)
-        if not any(line.section == "users" and line.key == args.user for line in lines):
-            raise PasswdError(f"no user {args.user!r} in [users]: set a password first")
-        if any(line.section == "tokens" and line.key == token_id for line in lines):
-            raise PasswdError("the new token's id is taken (a one in 2**48 chance): run the command again")
+    def add(text: str) -> Tuple[str, str]:
         line = f"{args.user} {token_digest(token.encode('ascii'))} {expires} {scope}"
-        return set_entry(text, "tokens", token_id, line), (
+        return add_token(text, token_id, args.user, line), (
             f"Created token {token_id} for user {args.user} ({scope}), expires {expires}. "
             "It is shown only now: keep it in your CI's secret store; users.ini keeps only its hash"
         )
 
-    message = _edit(args, add_token)
+    message = _edit(args, add)
     print(token, file=stdout, flush=True)  # only once the file holds it
     return message
 
@@ -388,19 +238,22 @@ def _edit(
     """Apply ``change`` (text -> new text, message) to FILE under its lock, if the result loads."""
     # Edit the file a symlink points to, not replace the link.
     path = os.path.realpath(args.file)
-    with LockFile(path, args.wait) as lock:
-        text = _read(path, args.file, missing_ok=missing_ok)
-        # A byte-order mark some editors write is kept, outside the lines being edited.
-        bom = "\ufeff" if text.startswith("\ufeff") else ""
-        text, message = change(text[len(bom) :])
-        try:
-            parse_access_file(text, args.file, hash_scheme)
-        except AccessFileError as error:
-            raise PasswdError(f"not changed, the file would not load: {error}") from None
-        try:
-            lock.commit(bom + text)
-        except OSError as error:
-            raise PasswdError(f"{args.file}: {error}") from None
+    try:
+        with LockFile(path, args.wait, holder="gittornado-passwd") as lock:
+            text = _read(path, args.file, missing_ok=missing_ok)
+            # A byte-order mark some editors write is kept, outside the lines being edited.
+            bom = "\ufeff" if text.startswith("\ufeff") else ""
+            text, message = change(text[len(bom) :])
+            try:
+                parse_access_file(text, args.file, hash_scheme)
+            except AccessFileError as error:
+                raise PasswdError(f"not changed, the file would not load: {error}") from None
+            try:
+                lock.commit(bom + text)
+            except OSError as error:
+                raise PasswdError(f"{args.file}: {error}") from None
+    except LockError as error:  # taken by another run, or not creatable
+        raise PasswdError(str(error)) from None
     return message
 
 

@@ -3,10 +3,10 @@
 Each case goes over a raw socket, so what is tested is what really goes on
 the wire.  Some never reach a handler (broken framing, broken header lines,
 oversized heads): HardenedHTTPServer answers those in Tornado's place, and
-these tests pin down the Tornado behaviours it relies on (gittornado/httpserver.py).
-After every case the same checks run: no git process is left, no temporary
-file, the repository is unchanged and fsck-clean, and a real git client is
-served normally.
+these tests pin down the Tornado behaviours it relies on (gittornado/framing.py
+and gittornado/httpserver.py).  After every case the same checks run: no git
+process is left, no temporary file, the repository is unchanged and fsck-clean,
+and a real git client is served normally.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def assert_plain_answer(raw: bytes, status: int, words: str) -> None:
 SECRET = b"YWxpY2U6czNjcmV0"
 
 #: Requests no handler sees, refused by HardenedHTTPServer in place of Tornado's bare 400 (see
-#: gittornado/httpserver.py): (request builder, words the plain-text reason has).
+#: gittornado/framing.py): (request builder, words the plain-text reason has).
 BROKEN_FRAMING = {
     "chunk-size-not-hex": (
         lambda t: raw_post(
@@ -272,7 +272,7 @@ async def test_broken_framing_is_a_400_with_the_reason(
     raw, ended = await exchange(http_port, request)
     assert ended != "hung"
     assert_plain_answer(raw, 400, words)
-    # Our own words, never the request's (gittornado/httpserver.py REASONS).
+    # Our own words, never the request's (gittornado/framing.py REASONS).
     assert request.split(b"\r\n")[0] not in raw and SECRET not in raw, raw
     await unharmed()
 
