@@ -111,6 +111,12 @@ class Metrics:
             "Requests refused for wrong or unknown credentials",
             registry=self.registry,
         )
+        self.pushes_refused = prom.Counter(
+            "gittornado_pushes_refused",
+            "Pushes the push limits refused, by reason (file-size, quota, lfs-lock, push-size)",
+            ["reason"],
+            registry=self.registry,
+        )
         self.token_logins = prom.Counter(
             "gittornado_token_logins", "Requests a token (not a password) logged in", registry=self.registry
         )
@@ -150,6 +156,10 @@ class Metrics:
         reader = PackCacheCollector(cache)
         self.registry.register(reader)
         self._readers.append(reader)
+
+    def push_refused(self, reason: str) -> None:
+        """Count a push the push limits refused (``file-size``, ``quota``, ``lfs-lock``, ``push-size``)."""
+        self.pushes_refused.labels(reason).inc()
 
     def maintenance_finished(self, result: str, seconds: float) -> None:
         """Count one maintenance run (see :mod:`gittornado.maintenance`)."""

@@ -16,7 +16,7 @@ import subprocess
 import sys
 from typing import Dict, Iterator, List, Optional, Tuple
 
-from .pushchecks import GIT_VARIABLE, LIMITS_VARIABLE, REPOSITORY_HOOKS_VARIABLE
+from .pushchecks import GIT_VARIABLE, LIMITS_VARIABLE, REFUSAL_PREFIX, REPOSITORY_HOOKS_VARIABLE
 
 ZERO = "0" * 40
 ZERO_SHA256 = "0" * 64
@@ -31,7 +31,9 @@ def main() -> int:
     limits = json.loads(os.environ.get(LIMITS_VARIABLE, "{}"))
     refusal = check(updates, limits, os.environ)
     if refusal is not None:
-        sys.stderr.write(f"gittornado: push refused: {refusal}\n")
+        reason, message = refusal
+        # The tag in brackets is for the server, which counts refusals by reason (see PushOutcome).
+        sys.stderr.write(f"{REFUSAL_PREFIX}{message} [{reason}]\n")
         return 1
     hook = os.path.join(os.environ.get(REPOSITORY_HOOKS_VARIABLE, "hooks"), "pre-receive")
     if not os.access(hook, os.X_OK):
@@ -49,18 +51,24 @@ def parse_updates(text: str) -> List[Update]:
     return updates
 
 
-def check(updates: List[Update], limits: Dict[str, object], env: Dict[str, str]) -> Optional[str]:
-    """Why the push must be refused, or None."""
+def check(updates: List[Update], limits: Dict[str, object], env: Dict[str, str]) -> Optional[Tuple[str, str]]:
+    """Why the push must be refused, as ``(reason, message)``, or None.
+
+    The reasons: ``file-size``, ``quota``, ``lfs-lock``.
+    """
     max_file_size = limits.get("max_file_size")
     if isinstance(max_file_size, int):
         for path, size in new_blobs(updates):
             if size > max_file_size:
-                return f"{path} is {_size(size)}, over the limit of {_size(max_file_size)} per file"
+                return (
+                    "file-size",
+                    f"{path} is {_size(size)}, over the limit of {_size(max_file_size)} per file",
+                )
     quota = limits.get("repo_quota")
     if isinstance(quota, int) and new_commits(updates):  # a push that only deletes always lands
         total = repository_bytes(env)
         if total > quota:
-            return f"the repository would take {_size(total)}, over its quota of {_size(quota)}"
+            return "quota", f"the repository would take {_size(total)}, over its quota of {_size(quota)}"
     if limits.get("lfs_locks"):
         from .lfs.locks import locked_paths  # only where LFS locks are enforced
 
@@ -69,7 +77,7 @@ def check(updates: List[Update], limits: Dict[str, object], env: Dict[str, str])
         for path in changed_paths(updates):
             owner = locks.get(path)
             if owner is not None and owner != user:
-                return f"{path} is locked by {owner} (git lfs locks)"
+                return "lfs-lock", f"{path} is locked by {owner} (git lfs locks)"
     return None
 
 

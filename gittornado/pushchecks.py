@@ -19,6 +19,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import re
 import shutil
 import stat
 import sys
@@ -45,6 +46,12 @@ HOOKS = (
 LIMITS_VARIABLE = "GITTORNADO_PUSH_LIMITS"
 REPOSITORY_HOOKS_VARIABLE = "GITTORNADO_REPOSITORY_HOOKS"
 GIT_VARIABLE = "GITTORNADO_GIT"
+
+#: How the pre-receive check begins its refusal, which the pushing user reads as a ``remote:`` line.
+REFUSAL_PREFIX = "gittornado: push refused: "
+#: A refusal's reason, tagged at its end; and git's own words for a pack over ``receive.maxInputSize``.
+_TAGGED = re.compile(re.escape(REFUSAL_PREFIX).encode() + rb"[^\n]*? \[([a-z-]+)\]")
+_TOO_LARGE = b"pack exceeds maximum allowed size"
 
 _PASS_ON = """#!/bin/sh
 # gittornado: run the repository's own {name} hook, if it has one.
@@ -138,3 +145,30 @@ def repository_hooks(repo: Repository, config: GitConfig) -> str:
 
 def _quoted(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
+
+
+class PushOutcome:
+    """Watches receive-pack's answer go out (a ``tee`` of the response) for why a push was refused.
+
+    The refusal travels to the client inside the answer (git forwards the
+    hook's words on the sideband), so the server learns the reason where the
+    client does, for the ``gittornado_pushes_refused_total`` metric.
+    """
+
+    #: Bytes of the previous piece kept, so a message split between two pieces is still seen.
+    OVERLAP = 512
+
+    def __init__(self) -> None:
+        self.reason: Optional[str] = None
+        self._tail = b""
+
+    def __call__(self, piece: memoryview) -> None:
+        if self.reason is not None:
+            return
+        text = self._tail + bytes(piece)
+        tagged = _TAGGED.search(text)
+        if tagged is not None:
+            self.reason = tagged.group(1).decode()
+        elif _TOO_LARGE in text:
+            self.reason = "push-size"
+        self._tail = text[-self.OVERLAP :]

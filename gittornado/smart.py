@@ -14,6 +14,7 @@ from .handlers import GitHandler, RetryLater, pkt_line
 from .permission import Permission
 from .pipe import GitProcessPipe
 from .process import Busy
+from .pushchecks import PushOutcome
 from .repos import Repository
 from .services import GET_ANY_FILE, SERVICES, UPLOAD_PACK, Service
 
@@ -167,8 +168,12 @@ class ServiceHandler(GitHandler):
         self.held_back = b""
         await self.pipe.end_input()
         self.set_no_cache()
-        landed = await self.send_git_output(self.service.result_type, failure_status=400)
-        if landed and self.service.permission is Permission.WRITE and self.backend.maintenance is not None:
+        writes = self.service.permission is Permission.WRITE
+        outcome = PushOutcome() if writes else None
+        landed = await self.send_git_output(self.service.result_type, tee=outcome, failure_status=400)
+        if outcome is not None and outcome.reason is not None and self.backend.metrics is not None:
+            self.backend.metrics.push_refused(outcome.reason)
+        if landed and writes and self.backend.maintenance is not None:
             self.backend.maintenance.pushed(self._git_args[0].path)
 
     def on_finish(self) -> None:

@@ -13,6 +13,8 @@ from conftest import GitClient, make_repo
 
 from gittornado import GitBackend, RepositoryRoot
 from gittornado.access import AccessPolicy
+from gittornado.observe import Metrics
+from gittornado.process import GitProcesses
 from gittornado.pushchecks import PushLimits
 
 MIB = 1024 * 1024
@@ -25,7 +27,22 @@ def limits() -> PushLimits:
 
 @pytest.fixture
 def backend(gitbase: Path, policy: AccessPolicy, limits: PushLimits) -> GitBackend:
-    return GitBackend(lookup=RepositoryRoot(str(gitbase)), policy=policy, push_limits=limits)
+    processes = GitProcesses()
+    return GitBackend(
+        lookup=RepositoryRoot(str(gitbase)),
+        policy=policy,
+        push_limits=limits,
+        processes=processes,
+        metrics=Metrics(processes),
+    )
+
+
+def refusals(backend: GitBackend, reason: str) -> float:
+    """What the metrics say of pushes refused for ``reason``."""
+    assert backend.metrics is not None
+    text = backend.metrics.exposition().decode()
+    line = f'gittornado_pushes_refused_total{{reason="{reason}"}} '
+    return sum(float(row[len(line) :]) for row in text.splitlines() if row.startswith(line))
 
 
 async def work_tree(git: GitClient, base_url: str, tmp_path: Path, name: str = "proj.git") -> Path:
@@ -52,7 +69,7 @@ def untouched(git: GitClient, repo: Path, head: str) -> None:
 
 @pytest.mark.gen_test(timeout=60)
 async def test_a_file_over_the_limit_is_refused_by_name(
-    git: GitClient, repo: Path, base_url: str, tmp_path: Path
+    git: GitClient, repo: Path, base_url: str, tmp_path: Path, backend: GitBackend
 ):
     head = git.sync("rev-parse", "main", cwd=repo).strip()
     work = await work_tree(git, base_url, tmp_path)
@@ -73,7 +90,7 @@ async def test_a_file_over_the_limit_is_refused_by_name(
 
 @pytest.mark.gen_test(timeout=60)
 async def test_a_push_over_the_size_limit_is_refused_while_it_streams(
-    git: GitClient, repo: Path, base_url: str, tmp_path: Path, limits: PushLimits
+    git: GitClient, repo: Path, base_url: str, tmp_path: Path, limits: PushLimits, backend: GitBackend
 ):
     head = git.sync("rev-parse", "main", cwd=repo).strip()
     work = await work_tree(git, base_url, tmp_path)
@@ -83,12 +100,13 @@ async def test_a_push_over_the_size_limit_is_refused_while_it_streams(
     assert pushed.returncode != 0
     assert "pack exceeds maximum allowed size" in pushed.stderr
     untouched(git, repo, head)
+    assert refusals(backend, "push-size") == 1 and refusals(backend, "file-size") == 0
 
 
 @pytest.mark.parametrize("limits", [PushLimits(repo_quota=64 * 1024)])
 @pytest.mark.gen_test(timeout=60)
 async def test_a_quota_smaller_than_one_pack_refuses_what_adds_and_lets_deletions_land(
-    git: GitClient, repo: Path, base_url: str, tmp_path: Path, limits: PushLimits
+    git: GitClient, repo: Path, base_url: str, tmp_path: Path, limits: PushLimits, backend: GitBackend
 ):
     head = git.sync("rev-parse", "main", cwd=repo).strip()
     git.sync("branch", "old", "main", cwd=repo)
@@ -97,13 +115,14 @@ async def test_a_quota_smaller_than_one_pack_refuses_what_adds_and_lets_deletion
     pushed = await git.run("push", "origin", "main", cwd=work, check=False)
     assert pushed.returncode != 0 and "over its quota of 64.0 KiB" in pushed.stderr
     untouched(git, repo, head)
+    assert refusals(backend, "quota") == 1
     await git.run("push", "-q", "origin", ":old", cwd=work)  # adds nothing: not refused
     assert "old" not in git.sync("branch", cwd=repo)
 
 
 @pytest.mark.gen_test(timeout=60)
 async def test_the_repositorys_own_hooks_still_run_and_see_push_options(
-    git: GitClient, gitbase: Path, base_url: str, tmp_path: Path
+    git: GitClient, gitbase: Path, base_url: str, tmp_path: Path, backend: GitBackend
 ):
     repo = make_repo(git, gitbase, "hooked.git")
     marker = tmp_path / "hooks.log"
@@ -128,3 +147,5 @@ async def test_the_repositorys_own_hooks_still_run_and_see_push_options(
     commit_file(git, work, "b.txt", 10)
     refused = await git.run("push", "origin", "main", cwd=work, check=False)
     assert refused.returncode != 0 and "remote: not today" in refused.stderr
+    assert backend.metrics is not None  # the repository's own refusal is not one of the push limits'
+    assert "gittornado_pushes_refused_total{" not in backend.metrics.exposition().decode()
