@@ -103,18 +103,29 @@ class ConnectionLimits:
         return cls(total, per_address)
 
 
-def address_key(address: Any) -> str:
-    """What the per-address cap counts by: the IP address, or its /64 for IPv6 (one host's share)."""
-    host = address[0] if isinstance(address, tuple) and address else ""
+def client_group(address: str) -> str:
+    """The name a client address is known by, to the connection caps and the login throttle alike.
+
+    IPv4 addresses count one by one; IPv6 addresses by their /64 network,
+    because whoever has one address of a /64 (a home, a cloud instance)
+    usually has all 2**64 of them.  An IPv4-mapped IPv6 address counts as the
+    IPv4 address; anything that is not an address is used as it is.
+    """
     try:
-        ip = ipaddress.ip_address(host.split("%", 1)[0])
+        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone (fe80::1%eth0)
     except ValueError:
-        return str(host)  # a Unix socket: one client
+        return address
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return str(ip.ipv4_mapped)
-        return str(ipaddress.ip_network(f"{ip}/64", strict=False))
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
     return str(ip)
+
+
+def address_key(address: Any) -> str:
+    """What the per-address cap counts by: the peer's address, grouped by :func:`client_group`."""
+    host = address[0] if isinstance(address, tuple) and address else ""
+    return client_group(str(host))
 
 
 class PausingAcceptor:

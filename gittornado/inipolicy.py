@@ -27,11 +27,12 @@ from typing import Callable, Optional, Tuple
 from tornado.httputil import HTTPServerRequest
 
 from .access import AccessPolicy, AuthenticationFailed
-from .passwords import TOKEN_PREFIX, hash_scheme, hash_setting, token_id, verify_password, verify_token
-from .permission import Permission
 
 # Also the old home of FailureThrottle and client_group: they are imported from here too.
-from .throttle import CheckCosts, FailureThrottle, FairVerifier, TimedCheck, client_group, setting_samples
+from .connections import client_group
+from .passwords import TOKEN_PREFIX, hash_scheme, hash_setting, token_id, verify_password, verify_token
+from .permission import Permission
+from .throttle import CheckCosts, FailureThrottle, FairVerifier, TimedCheck, setting_samples
 from .usersfile import AccessFileError, AccessRules, Token, load_access_file
 
 #: Not "gittornado.access": that name is the per-request access log.

@@ -1,9 +1,10 @@
-"""Slowing down password guessing: client groups, failure counts, fair checks, equal-time rejections.
+"""Slowing down password guessing: failure counts, fair checks, equal-time rejections.
 
 The defences :class:`~gittornado.inipolicy.IniPolicy` puts around every
 password check, each usable on its own by an embedder's policy:
 
-* :func:`client_group` names a client by its address, an IPv6 one by its /64;
+* clients are named by :func:`~gittornado.connections.client_group` (an IPv6
+  address by its /64), as the connection caps name them;
 * :class:`FailureThrottle` counts attempts per client and user, slows them
   down, then refuses them (429);
 * :class:`FairVerifier` runs checks in a small thread pool, taking turns
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import ipaddress
 import math
 import secrets
 import time
@@ -34,25 +34,6 @@ T = TypeVar("T")
 
 #: What a timed password check returns: whether it matched, when it began, how long it took (seconds).
 TimedCheck = Tuple[bool, float, float]
-
-
-def client_group(address: str) -> str:
-    """The name the throttle and the verifier know a client address by.
-
-    IPv4 addresses count one by one; IPv6 addresses by their /64 network,
-    because whoever has one address of a /64 (a home, a cloud instance)
-    usually has all 2**64 of them.  An IPv4-mapped IPv6 address counts as the
-    IPv4 address; anything that is not an address is used as it is.
-    """
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])  # drop an IPv6 zone (fe80::1%eth0)
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
 
 
 class FailureThrottle:
