@@ -28,6 +28,11 @@ repack alone would keep them forever.
 
 git's own locks keep each step safe against clones and pushes running at the
 same time (that is what they are for: ``git gc --auto`` runs inside pushes).
+A push that lands while the repack runs can make its last step, the
+multi-pack bitmap, fail ("doesn't have full closure"): git then keeps every
+pack and deletes nothing, so the repack is run once more, and if pushes keep
+racing it the run ends as busy and is scheduled again.
+
 Two runs of the same repository are kept apart by
 ``<git dir>/gittornado-maintenance.lock``, created with ``O_EXCL`` (so it also
 works between hosts sharing the repositories); a lock whose process is gone,
@@ -61,6 +66,9 @@ LOCK_NAME = "gittornado-maintenance.lock"
 #: Its modification time is when the last full repack finished.
 FULL_STAMP = "gittornado-maintenance.last-full"
 QUARANTINE_PREFIX = "tmp_objdir-incoming-"
+#: What git 2.39's repack says when a push lands between its snapshot of the refs and the
+#: multi-pack bitmap: the packs it wrote are kept and nothing is deleted, so running it again is safe.
+RACED_A_PUSH = "doesn't have full closure"
 #: The last bytes of a failing step's stderr that are logged.
 STDERR_TAIL = 4000
 
@@ -275,6 +283,11 @@ async def maintain(git_dir: str, settings: MaintenanceSettings) -> str:
         full = full_due(git_dir, settings)
         for argv in steps(git_dir, settings, full):
             problem = await run_step(argv, settings.env)
+            if problem is not None and RACED_A_PUSH in problem:
+                problem = await run_step(argv, settings.env)  # the push has landed by now
+                if problem is not None and RACED_A_PUSH in problem:
+                    log.info("%s: pushes keep moving refs under the repack; trying again later", git_dir)
+                    return BUSY
             if problem is not None:
                 verifying = argv[3] == "fsck"
                 what = "is broken" if verifying else "maintenance failed"
