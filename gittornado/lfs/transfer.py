@@ -11,11 +11,12 @@ chunk ahead of the network, so memory stays flat and the loop keeps serving.
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import logging
 import os
 import re
-from typing import BinaryIO, List, Optional, Tuple
+from typing import BinaryIO, Callable, Deque, List, Optional, Tuple
 
 from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
@@ -33,6 +34,8 @@ log = logging.getLogger("gittornado")
 READ_SIZE = 4 * CHUNK_SIZE
 #: Bytes of an upload gathered before they are hashed and written (on a thread) at once.
 WRITE_SIZE = 4 * CHUNK_SIZE
+#: Gathered batches of one upload that may wait to be hashed or written before reading pauses.
+BATCHES_AHEAD = 4
 #: A download's cache headers: the URL names content that never changes, for this user only.
 IMMUTABLE = "private, max-age=31536000, immutable"
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -57,6 +60,16 @@ def requested_range(header: Optional[str], size: int) -> Optional[Tuple[int, int
     if start >= size or start >= end:
         raise LfsError(416, f"The object has {size} bytes")
     return start, end
+
+
+def _write_all(upload: ObjectUpload, pieces: List[bytes]) -> None:
+    for piece in pieces:
+        upload.write(piece)
+
+
+def _hash_all(digest: hashlib._Hash, pieces: List[bytes]) -> None:
+    for piece in pieces:
+        digest.update(piece)
 
 
 def _check_oid(oid: str) -> None:
@@ -84,7 +97,10 @@ class ObjectHandler(LfsHandler):
         self.received = 0
         self.expected = 0
         self.hash = hashlib.sha256()
+        # The last batch's write and hash: each waits for the one before (see _write_gathered).
         self.writing: Optional[asyncio.Future[None]] = None
+        self.hashing: Optional[asyncio.Future[None]] = None
+        self.ahead: Deque[Tuple[asyncio.Future[None], asyncio.Future[None]]] = collections.deque()
         self.gathered: List[bytes] = []
         self.idle_timer: Optional[asyncio.TimerHandle] = None
         self.gathered_size = 0
@@ -213,36 +229,54 @@ class ObjectHandler(LfsHandler):
             await self._write_gathered()
 
     async def _write_gathered(self) -> bool:
-        """Hand the gathered pieces to a thread, once the previous ones are written; False if writing failed.
+        """Hand the gathered pieces to the threads; False (and the answer sent) if writing failed.
 
-        The thread hashes and writes while Tornado reads on; pieces are
-        gathered to :data:`WRITE_SIZE` first, since the body arrives in
+        One thread hashes a batch while another writes it and Tornado reads
+        on: on two cores, hashing and writing one after the other made them
+        the slowest step.  Each batch's hash and write wait for the previous
+        batch's, so both go in order; reading pauses once
+        :data:`BATCHES_AHEAD` batches wait, so memory stays bounded.  Pieces
+        are gathered to :data:`WRITE_SIZE` first, since the body arrives in
         pieces as small as the socket gives, and each trip to a thread costs.
         """
-        if not await self._written():
-            return False
         pieces, self.gathered, self.gathered_size = self.gathered, [], 0
-        if pieces:
-            loop = asyncio.get_running_loop()
-            self.writing = loop.run_in_executor(self.lfs.executor, self._store, self.upload, pieces)
+        if pieces and self.upload is not None:
+            self.writing = self._after(self.writing, _write_all, self.upload, pieces)
+            self.hashing = self._after(self.hashing, _hash_all, self.hash, pieces)
+            self.ahead.append((self.writing, self.hashing))
+        while len(self.ahead) > BATCHES_AHEAD:
+            if not await self._settled(*self.ahead.popleft()):
+                return False
         return True
 
-    def _store(self, upload: ObjectUpload, pieces: List[bytes]) -> None:
-        for piece in pieces:
-            self.hash.update(piece)
-            upload.write(piece)
+    def _after(
+        self, previous: Optional[asyncio.Future[None]], work: Callable[..., None], *args: object
+    ) -> asyncio.Future[None]:
+        """Run ``work(*args)`` on a thread once ``previous`` is done (a failure of it fails this too)."""
+        loop = asyncio.get_running_loop()
 
-    async def _written(self) -> bool:
-        """Wait for the pieces being written; False (and the answer sent) if writing them failed."""
-        writing, self.writing = self.writing, None
-        if writing is None:
-            return True
+        async def run() -> None:
+            if previous is not None:
+                await previous
+            await loop.run_in_executor(self.lfs.executor, work, *args)
+
+        return asyncio.ensure_future(run())
+
+    async def _settled(self, *steps: asyncio.Future[None]) -> bool:
+        """Wait for ``steps``; False (and the answer sent) if writing failed."""
         try:
-            await writing
+            for step in steps:
+                await step
             return True
         except StorageFull:
             self._fail(LfsError(507, "The server has no room for the object"))
         return False
+
+    async def _written(self) -> bool:
+        """Wait for every batch to be hashed and written; False (and the answer sent) if writing failed."""
+        self.ahead.clear()
+        steps = [step for step in (self.writing, self.hashing) if step is not None]
+        return await self._settled(*steps)
 
     async def put(self, name: str, oid: str) -> None:
         if (
