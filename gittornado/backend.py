@@ -134,12 +134,18 @@ class GitBackend:
             self.adverts = AdvertisementCache(self.base_env)
 
     def service_setup(
-        self, command: str, repo: Repository, config: Optional[GitConfig]
+        self,
+        command: str,
+        repo: Repository,
+        config: Optional[GitConfig],
+        use_pack_cache: bool = False,
+        cache_request_key: Optional[str] = None,
     ) -> Tuple[List[str], Dict[str, str]]:
         """``-c`` options and environment variables that the backend's features add to ``git <command>``:
-        the pack cache to upload-pack, the push limits to receive-pack."""
-        if command == "upload-pack" and self.pack_cache is not None:
-            return self.pack_cache.upload_pack_setup()
+        the pack cache to upload-pack (when ``use_pack_cache``; see
+        :meth:`~gittornado.packcache.PackCache.upload_pack_setup`), the push limits to receive-pack."""
+        if command == "upload-pack" and use_pack_cache and self.pack_cache is not None:
+            return self.pack_cache.upload_pack_setup(cache_request_key)
         if command == "receive-pack":
             return self.push_checks.receive_pack_setup(repo, config or {})
         return [], {}

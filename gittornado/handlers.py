@@ -212,12 +212,17 @@ class GitHandler(GitRequestMixin, RequestHandler):
         defaults: Optional[Dict[str, str]] = None,
         with_stdin: bool = False,
         writes_repository: bool = False,
+        use_pack_cache: bool = False,
+        cache_request_key: Optional[str] = None,
     ) -> GitProcessPipe:
         """Spawn ``git <args>`` with the environment git http-backend gives it.
 
         ``label`` names what runs in log lines, after the repository name.
         ``defaults`` become ``-c key=value`` options unless ``config`` (the
-        repository's own) already sets the key.
+        repository's own) already sets the key.  ``use_pack_cache``: an
+        upload-pack's pack comes through the backend's pack cache, if it has
+        one; ``cache_request_key`` names the request to the cache, so that
+        the next identical one finds the pack without git.
         """
         protocol = git_protocol(self.request.headers.get("Git-Protocol"))
         env = self.backend.git_environment(repo, grant.user, self.request.remote_ip, protocol)
@@ -225,7 +230,9 @@ class GitHandler(GitRequestMixin, RequestHandler):
         for key, value in (defaults or {}).items():
             if config is None or key not in config:
                 argv += ["-c", f"{key}={value}"]
-        options, more_env = self.backend.service_setup(args[0], repo, config)
+        options, more_env = self.backend.service_setup(
+            args[0], repo, config, use_pack_cache, cache_request_key
+        )
         argv += options
         env.update(more_env)
         argv += args

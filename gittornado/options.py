@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=2,
         metavar="N",
-        help="cache a fetch from its Nth identical request on (default: 2, which halves disk writes)",
+        help="cache a fetch that has haves from its Nth identical request on, a clone from its first "
+        "(default: 2, which halves disk writes)",
     )
     add_maintenance_options(parser)
     parser.add_argument(

@@ -10,24 +10,54 @@ the hook (:mod:`gittornado.packhook`) instead of pack-objects, with the same
 arguments and standard input, and the hook answers through
 :func:`gittornado.packentry.serve`.  The directory's files are described in
 :mod:`gittornado.packfiles`.
+
+The hook is a Python program, and its start costs about 7 ms.  Most fetches
+are a client's own (its ``have`` lines are nobody else's) and bring a small
+pack, so for them the hook would cost more than it could ever save.  So the
+server looks at each fetch request before it starts upload-pack
+(:meth:`PackCache.use_hook`): a clone (no ``have``) always goes through the
+hook, since clones are what storms are made of and their packs are the
+expensive ones; a fetch with ``have`` lines goes through it only from its
+``min_requests``-th identical request on (GitLab's lesson: caching from the
+second sighting halves the disk writes and loses few hits).  Its first
+sighting costs what it costs without a cache.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import shlex
 import subprocess
 import sys
 import time
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
-from .packfiles import STALE_WRITE, HookSettings, read_counters, writer_alive
+from .packfiles import REQUEST_ENV, STALE_WRITE, Entry, HookSettings, read_counters, writer_alive
 from .packfiles import TRAILER as TRAILER  # re-exported: tests read entries with it
 
 #: Defaults of ``--pack-cache-max-size`` and ``--pack-cache-max-age``.
 DEFAULT_MAX_BYTES = 5 * 1024**3
 DEFAULT_MAX_AGE = 600.0
+#: The most of a fetch request the server reads before it starts upload-pack, to choose
+#: (:meth:`PackCache.use_hook`).  A longer one (a clone of thousands of refs) uses the hook.
+SCANNED_REQUEST = 64 * 1024
+#: Capability lines that differ between identical requests from different clients.
+_CLIENT_LINES = (b"agent=", b"session-id=")
+#: The words of a v2 fetch whose answer is only a pack (see :meth:`PackCache.request_key`).
+_PLAIN_FETCH = frozenset(
+    (
+        b"object-format=sha1",
+        b"have",
+        b"done",
+        b"thin-pack",
+        b"no-progress",
+        b"include-tag",
+        b"ofs-delta",
+        b"filter",
+    )
+)
 
 
 class PackCache:
@@ -36,8 +66,9 @@ class PackCache:
     ``directory`` holds the entries (created if missing; may be shared by
     several processes and hosts).  Entries older than ``max_age`` seconds
     go, then the oldest until all take at most ``max_bytes``; a key is cached
-    from its ``min_requests``-th request on.  :meth:`tidy` does this and
-    counts what is on disk; :meth:`keep_tidy` runs it every few seconds.
+    from its ``min_requests``-th request on (clones from their first, see
+    the module docstring).  :meth:`tidy` does this and counts what is on
+    disk; :meth:`keep_tidy` runs it every few seconds.
     """
 
     def __init__(
@@ -53,9 +84,10 @@ class PackCache:
         os.makedirs(os.path.join(self.directory, "stats"), exist_ok=True)
         self.max_bytes = max_bytes
         self.max_age = max_age
+        self.min_requests = min_requests
         # Another git may write other packs for the same input.
         version = subprocess.run([git, "--version"], capture_output=True, text=True, env=env).stdout.strip()
-        self.settings = HookSettings(self.directory, min_requests, max_bytes, version)
+        self.settings = HookSettings(self.directory, max_bytes, version)
         hook = os.path.join(os.path.dirname(os.path.abspath(__file__)), "packhook.py")
         # -I -S: no site packages and not the gittornado package (Tornado): see packhook.
         self.hook = f"{shlex.quote(sys.executable)} -I -S {shlex.quote(hook)}"
@@ -63,9 +95,100 @@ class PackCache:
         self.entries = 0
         self.disk_bytes = 0
 
-    def upload_pack_setup(self) -> Tuple[List[str], Dict[str, str]]:
-        """The ``-c`` options and environment variables that make upload-pack use the cache."""
-        return ["-c", f"uploadpack.packObjectsHook={self.hook}"], self.settings.environment()
+    def upload_pack_setup(self, request_key: Optional[str] = None) -> Tuple[List[str], Dict[str, str]]:
+        """The ``-c`` options and environment variables that make upload-pack use the cache.
+
+        With ``request_key`` (:meth:`request_key`), the hook links that
+        request to its entry, for :mod:`gittornado.packreply`.
+        """
+        env = self.settings.environment()
+        if request_key is not None:
+            env[REQUEST_ENV] = request_key
+        return ["-c", f"uploadpack.packObjectsHook={self.hook}"], env
+
+    def use_hook(self, git_dir: str, namespace: str, request: Optional[bytes]) -> bool:
+        """Whether upload-pack should run the hook for this fetch ``request`` (see the module docstring).
+
+        ``request`` is the whole request body (decoded), or None when it is
+        longer than :data:`SCANNED_REQUEST`.  A request that packs nothing
+        (a negotiation round, ``ls-refs``) never starts the hook, whatever
+        this says.  A fetch with ``have`` lines is counted here, in a
+        ``.seen`` file of the cache directory, so every process and host
+        that shares it counts.
+        """
+        if request is None:
+            return True
+        lines = list(_pkt_lines(request))
+        # With haves, whether git packs is up to it (protocol v2 sends the pack after "ready", without
+        # "done"), so every such request counts.
+        if not any(line.startswith(b"have ") for line in lines):
+            return True
+        if self.min_requests <= 1:
+            return True
+        digest = hashlib.sha256(b"gittornado request 1\0")
+        for part in (
+            git_dir.encode("utf-8", "surrogateescape"),
+            namespace.encode("utf-8", "surrogateescape"),
+        ):
+            digest.update(part + b"\0")
+        for line in lines:
+            if not line.startswith(_CLIENT_LINES):
+                digest.update(b"%d:%s" % (len(line), line))
+        seen = Entry(self.directory, digest.hexdigest()).seen
+        try:
+            os.makedirs(os.path.dirname(seen), exist_ok=True)
+            fd = os.open(seen, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            try:
+                os.write(fd, b".")
+                return os.fstat(fd).st_size >= self.min_requests
+            finally:
+                os.close(fd)
+        except OSError:
+            return False  # cannot count, so cannot cache: as without a cache
+
+    def request_key(
+        self, git_dir: str, state: Optional[object], protocol: str, request: bytes
+    ) -> Optional[str]:
+        """The key under which this fetch's answer may be sent again without git, or None.
+
+        Only a protocol v2 clone or fetch that says ``done`` and asks for
+        nothing but objects qualifies: upload-pack's whole answer to it is then
+        ``packfile``, the pack in sideband pkt-lines, and a flush
+        (:mod:`gittornado.packreply` rebuilds it).  ``state`` is the
+        repository's state as the advertisement cache sees it
+        (:meth:`gittornado.adverts.AdvertisementCache.state`; None while a ref
+        or the config changed a moment ago, and then nothing qualifies), so a
+        ref change or a config change makes a new key.  Every wanted object
+        must be a ref's tip: what no ref points to may be pruned later, and
+        must then be refused, as upload-pack would.
+        """
+        lines = list(_pkt_lines(request))
+        if (
+            state is None
+            or "version=2" not in protocol.split(":")
+            or not lines
+            or lines[0] != b"command=fetch"
+        ):
+            return None
+        if b"done" not in lines:
+            return None
+        wants = set()
+        for line in lines[1:]:
+            word, _, value = line.partition(b" ")
+            if word == b"want":
+                wants.add(value)
+            elif word not in _PLAIN_FETCH and not line.startswith(_CLIENT_LINES):
+                return None
+        tips = _ref_tips(git_dir)
+        if not wants or tips is None or not wants <= tips:
+            return None
+        digest = hashlib.sha256(b"gittornado reply 1\0")
+        for part in (self.settings.salt, git_dir, protocol, repr(state)):
+            digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+        for line in lines:
+            if not line.startswith(_CLIENT_LINES):
+                digest.update(b"%d:%s" % (len(line), line))
+        return digest.hexdigest()
 
     def statistics(self) -> Dict[str, int]:
         """Hits, misses, bytes served from and written to the cache, errors, entries and bytes on disk."""
@@ -105,6 +228,52 @@ class PackCache:
         while True:
             await loop.run_in_executor(None, self.tidy)
             await asyncio.sleep(interval)
+
+
+def _pkt_lines(data: bytes) -> Iterator[bytes]:
+    """The payloads of the pkt-lines in ``data``, without their newline; stops at anything else."""
+    position = 0
+    while position + 4 <= len(data):
+        try:
+            length = int(data[position : position + 4], 16)
+        except ValueError:
+            return
+        if length < 4:  # flush, delimiter, response-end
+            position += 4
+            continue
+        yield data[position + 4 : position + length].rstrip(b"\n")
+        position += length
+
+
+def _ref_tips(git_dir: str) -> Optional[Set[bytes]]:
+    """The object ids that ``HEAD``, ``packed-refs`` and the loose refs point to (peeled tags too);
+    None where they cannot all be read."""
+    tips: Set[bytes] = set()
+    try:
+        with open(os.path.join(git_dir, "packed-refs"), "rb") as f:
+            for line in f:
+                if line[:1] != b"#":
+                    tips.add(line.lstrip(b"^")[:40])
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None
+    files = [os.path.join(git_dir, "HEAD")]
+    directories = [os.path.join(git_dir, "refs")]
+    while directories:
+        try:
+            with os.scandir(directories.pop()) as entries:
+                for entry in entries:
+                    (directories if entry.is_dir(follow_symlinks=False) else files).append(entry.path)
+        except OSError:
+            return None
+    for path in files:
+        try:
+            with open(path, "rb") as f:
+                tips.add(f.read(40))
+        except OSError:
+            return None
+    return tips
 
 
 def _scan(path: str) -> List[os.DirEntry]:

@@ -23,6 +23,7 @@ import zlib
 from .packfiles import (
     CHUNK,
     MAGIC,
+    REQUEST_ENV,
     TRAILER,
     Entry,
     HookSettings,
@@ -32,6 +33,7 @@ from .packfiles import (
     send_range,
     unlink_if_same,
     verified_length,
+    write_link,
     writer_alive,
 )
 
@@ -43,6 +45,22 @@ if TYPE_CHECKING:
 FOLLOW_POLL = 0.005
 #: signal.SIGKILL (the signal module imports enum: 3 ms on every fetch).
 _SIGKILL = 9
+#: fcntl's F_SETPIPE_SZ (Linux), and the pipe size asked for (that of gittornado.sizes.STDOUT_PIPE_SIZE).
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+OUTPUT_PIPE_SIZE = 1 << 20
+
+
+def widen_output() -> None:
+    """Give the pipe to upload-pack 1 MiB (git makes it 64 KiB), as the server does for upload-pack's own.
+
+    Packs come faster than upload-pack reads them (an entry with
+    ``sendfile``), and a small pipe wakes both for every 64 KiB: a repeated
+    280 MiB clone took 0.40 s instead of 0.29 s.
+    """
+    try:
+        fcntl.fcntl(1, _F_SETPIPE_SZ, OUTPUT_PIPE_SIZE)
+    except OSError:  # not a pipe, or the kernel refuses this user more pipe memory: it still works
+        pass
 
 
 def write_all(fd: int, data: bytes) -> None:
@@ -50,6 +68,39 @@ def write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def offer(fd: int, start: int, end: int) -> Tuple[int, bool]:
+    """Send bytes ``start:end`` of ``fd`` to git as far as its pipe takes them without waiting.
+
+    Returns where sending stopped, and False if git's pipe broke (the client is gone).
+    """
+    try:
+        while start < end:
+            start += os.sendfile(1, fd, start, end - start)
+    except BlockingIOError:
+        pass
+    except OSError:
+        return start, False
+    return start, True
+
+
+def deliver(fd: int, start: int, end: int) -> bool:
+    """Send bytes ``start:end`` of ``fd`` to git, waiting as needed; False if its pipe broke."""
+    try:
+        send_range(fd, start, end)
+    except OSError:
+        return False
+    return True
+
+
+def deliver_piece(piece: bytes) -> bool:
+    """Send ``piece`` to git, waiting as needed; False if its pipe broke."""
+    try:
+        write_all(1, piece)
+    except OSError:
+        return False
+    return True
 
 
 class Fetch:
@@ -61,24 +112,24 @@ class Fetch:
         self.env = env
         self.settings = settings
         git_dir = os.path.realpath(env.get("GIT_DIR", "."))
-        self.entry = Entry(settings.directory, cache_key(argv[1:], stdin, git_dir, settings.salt, env))
+        key = cache_key(argv[1:], stdin, git_dir, settings.salt, env)
+        self.entry = Entry(settings.directory, key)
+        request = env.get(REQUEST_ENV)
+        if request:  # the next identical request finds this entry without git
+            write_link(settings.directory, request, key)
 
     def serve(self) -> int:
         """Answer the request; the exit status for git."""
+        widen_output()
         try:
             os.makedirs(self.entry.folder, exist_ok=True)
         except OSError:
             return self.uncached(error=True)
-        counted = False
         for _ in range(3):  # a writer may finish, appear or die between the looks
             for attempt in (self.hit, self.follow):
                 status = attempt()
                 if status is not None:
                     return status
-            if not counted:
-                counted = True
-                if self.first_sighting():
-                    return self.uncached()
             status = self.write()
             if status is not None:
                 return status
@@ -142,20 +193,6 @@ class Fetch:
         count(self.settings.directory, hits=1, served_bytes=length)
         return 0
 
-    def first_sighting(self) -> bool:
-        """Count this request for its key; True while the key has been asked for too few times."""
-        if self.settings.min_requests <= 1:
-            return False
-        try:
-            fd = os.open(self.entry.seen, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-            try:
-                os.write(fd, b".")
-                return os.fstat(fd).st_size < self.settings.min_requests
-            finally:
-                os.close(fd)
-        except OSError:
-            return True  # cannot count, so cannot cache
-
     def spawn(self, capture: bool) -> Tuple[int, Optional[int]]:
         """Start pack-objects with our standard input; its output on a pipe if ``capture``, else ours.
 
@@ -192,10 +229,12 @@ class Fetch:
     def write(self) -> Optional[int]:
         """Run pack-objects, sending its pack to git and into a new entry; None if another writer won.
 
-        Each piece goes to the cache file first, so followers never wait for
-        this writer's client.  If the cache cannot be written (disk full, the
-        entry would pass the size limit), the writer drops the entry and goes
-        on serving its own client.
+        Each piece goes to the cache file first, and to git only as fast as
+        git takes it without blocking (the rest follows from the file), so a
+        slow client of the writer never holds back the entry, nor so its
+        followers.  If the cache cannot be written (disk full, the entry would
+        pass the size limit), the writer drops the entry and goes on serving
+        its own client.
         """
         entry = self.entry
         try:
@@ -212,7 +251,8 @@ class Fetch:
             return None if isinstance(error, FileExistsError) else self.uncached(error=True)
         pid, out = self.spawn(capture=True)
         assert out is not None
-        caching, client_ok, length, crc = True, True, 0, 0
+        caching, client_ok, length, delivered, crc = True, True, 0, 0, 0
+        os.set_blocking(1, False)
         try:
             while True:
                 piece = os.read(out, CHUNK)
@@ -220,22 +260,25 @@ class Fetch:
                     break
                 if caching:
                     try:
-                        length += len(piece)
-                        if length > self.settings.max_entry_bytes:
+                        if length + len(piece) > self.settings.max_entry_bytes:
                             raise OSError(errno.EFBIG, "entry over the size limit")
                         write_all(fd, piece)
+                        length += len(piece)
                         crc = zlib.crc32(piece, crc)
-                    except OSError:
+                    except OSError:  # from now on, straight to git: first what it has not had yet
                         caching = False
+                        os.set_blocking(1, True)
+                        client_ok = client_ok and deliver(fd, delivered, length) and deliver_piece(piece)
                         self.drop(fd, temporary)
                         fd = -1
-                if client_ok:
-                    try:
-                        write_all(1, piece)
-                    except OSError:  # the client is gone; finish the entry for the others
-                        client_ok = False
+                        continue
+                    if client_ok:
+                        delivered, client_ok = offer(fd, delivered, length)
+                elif client_ok:
+                    client_ok = deliver_piece(piece)
         finally:
             os.close(out)
+            os.set_blocking(1, True)
         status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
         cache_error = not caching
         if caching and status == 0:
@@ -247,11 +290,15 @@ class Fetch:
                 caching, cache_error = False, True
         if caching and status == 0:
             unlink_if_same(entry.growing, fd)
-            os.close(fd)  # releases the lock: followers see the trailer
+            fcntl.flock(fd, fcntl.LOCK_UN)  # followers see the trailer
             count(self.settings.directory, misses=1, written_bytes=length + TRAILER.size)
-        else:  # followers fall back to pack-objects of their own
+        if fd >= 0 and client_ok:
+            client_ok = deliver(fd, delivered, length)  # what git has not had yet
+        if not (caching and status == 0):  # followers fall back to pack-objects of their own
             self.drop(fd, temporary)
             count(self.settings.directory, misses=1, errors=int(cache_error))
+        elif fd >= 0:
+            os.close(fd)
         return status if client_ok else 128
 
     def drop(self, fd: int, temporary: str) -> None:

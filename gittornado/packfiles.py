@@ -10,9 +10,12 @@ Files in the cache directory, by key (see :func:`cache_key`), under
   exclusive ``flock``.  Requests arriving meanwhile follow it as it grows.  A
   follower that finds the lock released without a trailer knows the writer
   died and runs pack-objects itself (see :meth:`gittornado.packentry.Fetch.rerun`);
-* ``<key>.seen``: one byte per request seen; a key is cached from request
-  ``min_requests`` on (GitLab's lesson: caching on the second sighting halves
-  the disk writes and loses few hits);
+* ``<request key>.seen``: one byte per sighting of one fetch request, kept
+  by the server (:meth:`gittornado.packcache.PackCache.use_hook`), which
+  runs the hook only for clones and for fetches seen ``min_requests`` times;
+* ``<request key>.link``: the key of the entry that answers one fetch
+  request in one repository state (written by the hook when the server
+  names the request, read by the server: :mod:`gittornado.packreply`);
 * ``stats/<host>``: the hooks' counters (:func:`count`), summed by :func:`read_counters`.
 
 The hook imports this module on every fetch, so it imports only a few cheap
@@ -40,6 +43,8 @@ if TYPE_CHECKING:
 DIR_ENV = "GITTORNADO_PACK_CACHE"
 LIMITS_ENV = "GITTORNADO_PACK_CACHE_LIMITS"
 SALT_ENV = "GITTORNADO_PACK_CACHE_SALT"
+#: The server's key of the request being answered, when it may be answered again without git.
+REQUEST_ENV = "GITTORNADO_PACK_CACHE_REQUEST"
 
 #: After the pack: magic, the pack's length and its CRC-32.  Its presence marks a complete entry.
 TRAILER = struct.Struct(">8sQI")
@@ -56,26 +61,24 @@ _COUNTER_FILE = struct.Struct(">8Q")
 class HookSettings:
     """What the hook needs from the server, read from its environment."""
 
-    def __init__(self, directory: str, min_requests: int, max_entry_bytes: int, salt: str) -> None:
+    def __init__(self, directory: str, max_entry_bytes: int, salt: str) -> None:
         self.directory = directory
-        self.min_requests = min_requests
         self.max_entry_bytes = max_entry_bytes
         self.salt = salt
 
     def environment(self) -> Dict[str, str]:
         """The variables that carry these settings to the hook."""
-        limits = f"{self.min_requests},{self.max_entry_bytes}"
-        return {DIR_ENV: self.directory, LIMITS_ENV: limits, SALT_ENV: self.salt}
+        return {DIR_ENV: self.directory, LIMITS_ENV: str(self.max_entry_bytes), SALT_ENV: self.salt}
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str]) -> Optional[HookSettings]:
         """The settings gittornado passed, or None (no cache: run pack-objects as it is)."""
         directory = env.get(DIR_ENV)
         try:
-            min_requests, max_entry_bytes = (int(n) for n in env.get(LIMITS_ENV, "").split(","))
+            max_entry_bytes = int(env.get(LIMITS_ENV, ""))
         except ValueError:
             return None
-        return cls(directory, min_requests, max_entry_bytes, env.get(SALT_ENV, "")) if directory else None
+        return cls(directory, max_entry_bytes, env.get(SALT_ENV, "")) if directory else None
 
 
 def repository_state(git_dir: str, include_tags: bool) -> bytes:
@@ -124,11 +127,41 @@ class Entry:
         self.base = os.path.join(self.folder, key)
         self.complete = self.base + ".pack"
         self.growing = self.base + ".part"
+        # These two are a request key's (the server's), not a pack key's.
         self.seen = self.base + ".seen"
+        self.link = self.base + ".link"
 
     def temporary(self) -> str:
         """A name no other writer uses."""
         return f"{self.base}.{os.getpid()}-{os.urandom(4).hex()}.tmp"
+
+
+def write_link(directory: str, request_key: str, pack_key: str) -> None:
+    """Record that ``pack_key``'s entry answers the server's request ``request_key`` (atomically)."""
+    if len(request_key) != 64 or request_key.strip("0123456789abcdef"):
+        return  # not a key the server made: never a path
+    link = Entry(directory, request_key)
+    temporary = link.temporary()
+    try:
+        os.makedirs(link.folder, exist_ok=True)
+        with open(temporary, "w") as f:
+            f.write(pack_key)
+        os.rename(temporary, link.link)
+    except OSError:  # the server then asks git, as without it
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+
+
+def read_link(directory: str, request_key: str) -> Optional[str]:
+    """The pack key :func:`write_link` recorded for ``request_key``, if any."""
+    try:
+        with open(Entry(directory, request_key).link) as f:
+            key = f.read(65)
+    except OSError:
+        return None
+    return key if len(key) == 64 else None
 
 
 def pack_length(fd: int) -> Optional[int]:

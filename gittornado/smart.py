@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Callable, Optional
+import errno
+import logging
+import os
+from typing import Awaitable, Callable, List, Optional
 
+from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, stream_request_body
 
 from .adverts import Recording
 from .backend import GitBackend, git_protocol
 from .body import BodyDecoder
 from .handlers import GitHandler, RetryLater, pkt_line
+from .packcache import SCANNED_REQUEST
+from .packreply import FLUSH, PACKFILE, CachedPack, PackFrames, SidebandReader, WriterDied
 from .permission import Permission
 from .pipe import GitProcessPipe
 from .process import Busy
 from .pushchecks import PushOutcome
 from .repos import Repository
 from .services import GET_ANY_FILE, SERVICES, UPLOAD_PACK, Service
+from .sizes import CHUNK_SIZE
+
+log = logging.getLogger("gittornado")
 
 
 def dumb_ref_format(repo: Repository) -> str:
@@ -89,7 +98,9 @@ class ServiceHandler(GitHandler):
 
     git starts with the body's first byte, not with the headers: a request
     whose body never comes costs no process, and gets 408 after the
-    backend's ``body_timeout``.
+    backend's ``body_timeout``.  With a pack cache, upload-pack starts once
+    the request is whole (or :data:`~gittornado.packcache.SCANNED_REQUEST`
+    long), since the request decides whether it uses the cache.
     """
 
     SUPPORTED_METHODS = ("POST",)
@@ -102,6 +113,9 @@ class ServiceHandler(GitHandler):
         # git stopped reading its input: the rest of the body is not even decoded.
         self.ignoring_input = False
         self.refused = False
+        # With a pack cache, the start of an upload-pack request, gathered before git starts (see post()).
+        self.gathering: Optional[List[bytes]] = None
+        self.gathered = 0
         self._body_timer: Optional[object] = None
         self._release_slot: Optional[Callable[[], None]] = None
 
@@ -126,9 +140,9 @@ class ServiceHandler(GitHandler):
         self.decoder = BodyDecoder(self.request.headers.get("Content-Encoding"), limit)
         self.service: Service = service
         self._git_args = (repo, grant, service.name, [*service.command, repo.path], config)
-        timeout = self.backend.body_timeout
-        if timeout:
-            self._body_timer = asyncio.get_running_loop().call_later(timeout, self._body_did_not_start)
+        if service is UPLOAD_PACK and self.backend.pack_cache is not None:
+            self.gathering = []
+        self._arm_body_timer()
 
     async def data_received(self, chunk: bytes) -> None:
         self._cancel_body_timer()
@@ -137,7 +151,14 @@ class ServiceHandler(GitHandler):
             return
         try:
             for piece in self.decoder.decode(chunk):
-                pipe = self.pipe or await self._start_git(piece)
+                if self.gathering is not None:
+                    self.gathering.append(piece)
+                    self.gathered += len(piece)
+                    if self.gathered <= SCANNED_REQUEST:
+                        self._arm_body_timer()  # no git yet to time out: a stalled body ends here
+                        continue
+                    piece, self.gathering = b"".join(self.gathering), None  # too long to look at: the hook
+                pipe = self.pipe or await self._start_git(piece, use_pack_cache=True)
                 if not pipe.accepting_input:  # git exited or refused: inflating the rest is work for nothing
                     self.ignoring_input = True
                     return
@@ -162,6 +183,10 @@ class ServiceHandler(GitHandler):
             except HTTPError as error:
                 self._refuse(error)
                 return
+        if self.gathering:  # the whole fetch request, held back from git until now
+            request, self.gathering = b"".join(self.gathering), None
+            if await self._answer_with_cache(request):
+                return
         if self.pipe is None:
             raise HTTPError(400, reason="Empty request body")
         await self.pipe.write(self.held_back)
@@ -182,7 +207,160 @@ class ServiceHandler(GitHandler):
             self._release_slot()
         super().on_finish()
 
-    async def _start_git(self, first_piece: bytes) -> GitProcessPipe:
+    async def _answer_with_cache(self, request: bytes) -> bool:
+        """Answer the whole fetch ``request`` from the pack cache (True), or start upload-pack with the
+        cache as :mod:`gittornado.packcache` decides for this request (False: the caller goes on)."""
+        repo, config = self._git_args[0], self._git_args[4]
+        cache, adverts = self.backend.pack_cache, self.backend.adverts
+        assert cache is not None and adverts is not None
+        request_key = None
+        if not repo.namespace:
+            protocol = git_protocol(self.request.headers.get("Git-Protocol")) or ""
+            state = adverts.state(repo.path, config)
+            request_key = cache.request_key(repo.path, state, protocol, request)
+            if request_key is not None and await self._answer_from_cache(
+                cache.directory, request_key, request
+            ):
+                return True
+        use_hook = cache.use_hook(repo.path, repo.namespace or "", request)
+        await self._start_git(request, use_hook, request_key)
+        self.held_back = request
+        return False
+
+    async def _answer_from_cache(self, directory: str, request_key: str, request: bytes) -> bool:
+        """Answer from the pack cache without git (:mod:`gittornado.packreply`); False if it cannot.
+
+        Headers go out with the first pack bytes, so until then git can still
+        answer instead.  If the entry's writer dies after that, git sends the
+        rest (:meth:`_resume_from_git`); if the entry cannot be read, the
+        response is cut, so that it cannot look complete.  A client that
+        takes nothing for the backend's ``idle_timeout`` is disconnected, as
+        in a transfer from git.
+        """
+        cached = await CachedPack.open(directory, request_key)
+        if cached is None:
+            return False
+        loop = asyncio.get_running_loop()
+        stream = self.request.connection.stream  # type: ignore[union-attr]
+        chunked = self.request.version == "HTTP/1.1"
+        buffer = PackFrames()
+        started = False
+        try:
+            async for start, end in cached.ranges():
+                while start < end:
+                    size = min(end - start, buffer.capacity())
+                    got = await loop.run_in_executor(None, buffer.read, cached.fd, start, size)
+                    if got <= 0:
+                        raise OSError(errno.EIO, "the pack cache's entry shrank")
+                    if not started:
+                        started = True
+                        self.service_label = f"{self.service.name}:cached"
+                        self.set_no_cache()
+                        self.set_header("Content-Type", self.service.result_type)
+                        self._transforms = []  # the frames go past the handler, as in send_git_output
+                        self.write(PACKFILE)
+                        await self.flush()
+                    framed = buffer.frame(got, chunked)
+                    self.bytes_out += len(framed)
+                    await self._sent(stream.write(framed))  # then the buffer is free again
+                    start += got
+        except WriterDied:
+            if not started:
+                return False
+            await self._resume_from_git(request, cached)
+            return True
+        except StreamClosedError:
+            return True  # the client left (on_connection_close has logged it), or stalled
+        except OSError as error:
+            log.warning("%s: cannot read the pack cache's entry: %s", self.repository, error)
+            if not started:
+                return False
+            self.request.connection.close()  # type: ignore[union-attr]
+            return True
+        finally:
+            cached.close()
+        self._end_pack_answer()
+        return True
+
+    async def _sent(self, writing: Awaitable[None]) -> None:
+        """Wait for a write to the client; after the backend's ``idle_timeout``, disconnect it instead."""
+        timeout = self.backend.idle_timeout
+        if not timeout:
+            await writing
+            return
+        future = asyncio.ensure_future(writing)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except asyncio.TimeoutError:
+            log.info("%s: client took nothing for %ss; closing", self.repository, timeout)
+            future.add_done_callback(lambda done: done.cancelled() or done.exception())
+            self.request.connection.close()  # type: ignore[union-attr]
+            raise StreamClosedError() from None
+
+    async def _resume_from_git(self, request: bytes, dead: CachedPack) -> None:
+        """The entry's writer died after ``dead.sent`` pack bytes went out: git sends the rest.
+
+        A new upload-pack's hook writes the same pack again, byte for byte
+        (cached packs are packed single-threaded; see
+        :meth:`gittornado.packentry.Fetch.rerun`, which does the same for the
+        hook's followers).  Its pack bytes are compared with those already
+        sent, and what follows them goes out; if they differ (the repository
+        was repacked in between), the response is cut, so that the client
+        never takes a pack spliced from two for a whole one.
+        """
+        log.warning("%s: the pack cache's writer died mid-answer; asking git for the rest", self.repository)
+        try:
+            pipe = await self._start_git(request, use_pack_cache=True)
+            await pipe.write(request)
+            await pipe.end_input()
+            await pipe.start_output()
+        except HTTPError:
+            self.request.connection.close()  # type: ignore[union-attr]
+            return
+        frames = SidebandReader()
+        position, ended = 0, False
+        space = memoryview(bytearray(CHUNK_SIZE))
+        try:
+            while not ended:
+                try:
+                    got = await pipe.output.read_into(space, partial=True)
+                except StreamClosedError:
+                    break
+                pipe.touch()
+                for band, data in frames.feed(space[:got]):
+                    if band is None:
+                        ended = True
+                    elif band == 3:  # git's error: the client prints it
+                        self.write(b"%04x\x03" % (len(data) + 5) + data)
+                    elif band == 1:
+                        if position < dead.sent:
+                            overlap = min(len(data), dead.sent - position)
+                            if os.pread(dead.fd, overlap, position) != data[:overlap]:
+                                raise OSError(errno.EIO, "git's new pack differs from the one being sent")
+                            position += overlap
+                            data = data[overlap:]
+                        if data:
+                            self.write(b"%04x\x01" % (len(data) + 5) + data)
+                            position += len(data)
+                await self.flush()
+        except (OSError, StreamClosedError) as error:
+            log.warning("%s: cannot resume the cached pack: %s", self.repository, error)
+            ended = False
+        if ended and await pipe.exited() == 0:
+            self._end_pack_answer()
+        else:
+            pipe.abort()
+            self.request.connection.close()  # type: ignore[union-attr]
+
+    def _end_pack_answer(self) -> None:
+        self.write(FLUSH)
+        self.finish()
+        if self.request.version == "HTTP/1.0":
+            self.request.connection.close()  # type: ignore[union-attr]
+
+    async def _start_git(
+        self, first_piece: bytes, use_pack_cache: bool = False, cache_request_key: Optional[str] = None
+    ) -> GitProcessPipe:
         """Start git on the body's first piece; a fetch that will pack waits for a slot of its repository."""
         repo, grant, label, args, config = self._git_args
         slots = self.backend.pack_slots
@@ -204,12 +382,21 @@ class ServiceHandler(GitHandler):
             dict(self.service.defaults),
             with_stdin=True,
             writes_repository=self.service.permission is Permission.WRITE,
+            use_pack_cache=use_pack_cache,
+            cache_request_key=cache_request_key,
         )
+
+    def _arm_body_timer(self) -> None:
+        """Answer 408 if the body (or, while a fetch request is gathered, its next piece) does not come."""
+        self._cancel_body_timer()
+        timeout = self.backend.body_timeout
+        if timeout:
+            self._body_timer = asyncio.get_running_loop().call_later(timeout, self._body_did_not_start)
 
     def _body_did_not_start(self) -> None:
         self._body_timer = None
         if self.pipe is None and not self.completed:
-            self._refuse(HTTPError(408, reason="The request body did not start in time"))
+            self._refuse(HTTPError(408, reason="The request body did not come in time"))
 
     def _cancel_body_timer(self) -> None:
         if self._body_timer is not None:

@@ -475,7 +475,7 @@ async def test_body_that_never_starts_gets_408_without_git(
         writer.close()
     status, headers, body = parse_response(raw)
     assert status == 408, raw
-    assert headers["content-type"].startswith("text/plain") and b"did not start" in body, raw
+    assert headers["content-type"].startswith("text/plain") and b"did not come in time" in body, raw
     assert not backend.processes.running
 
 
