@@ -21,6 +21,11 @@ expensive ones; a fetch with ``have`` lines goes through it only from its
 ``min_requests``-th identical request on (GitLab's lesson: caching from the
 second sighting halves the disk writes and loses few hits).  Its first
 sighting costs what it costs without a cache.
+
+A request seen before in the same repository state may not need git at all:
+the server names such requests (:meth:`PackCache.request_key`), the hook
+links the name to its entry, and :mod:`gittornado.packreply` answers the next
+one from the entry.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Dict, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
 
 from .packfiles import REQUEST_ENV, STALE_WRITE, Entry, HookSettings, read_counters, writer_alive
 from .packfiles import TRAILER as TRAILER  # re-exported: tests read entries with it
@@ -43,6 +48,8 @@ DEFAULT_MAX_AGE = 600.0
 #: The most of a fetch request the server reads before it starts upload-pack, to choose
 #: (:meth:`PackCache.use_hook`).  A longer one (a clone of thousands of refs) uses the hook.
 SCANNED_REQUEST = 64 * 1024
+#: How often the requests waiting for a leader (:meth:`PackCache.leader`) look for its link.
+LEADER_POLL = 0.005
 #: Capability lines that differ between identical requests from different clients.
 _CLIENT_LINES = (b"agent=", b"session-id=")
 #: The words of a v2 fetch whose answer is only a pack (see :meth:`PackCache.request_key`).
@@ -91,6 +98,10 @@ class PackCache:
         hook = os.path.join(os.path.dirname(os.path.abspath(__file__)), "packhook.py")
         # -I -S: no site packages and not the gittornado package (Tornado): see packhook.
         self.hook = f"{shlex.quote(sys.executable)} -I -S {shlex.quote(hook)}"
+        # Requests (by request_key) that have started git in this process, until their link appears
+        # or their git ends: identical ones arriving meanwhile wait for that, not start git too.
+        self._leaders: Dict[str, asyncio.Future[None]] = {}
+        self._releasing: Set[asyncio.Task[None]] = set()
         #: Entries and bytes on disk at the last :meth:`tidy`.
         self.entries = 0
         self.disk_bytes = 0
@@ -190,6 +201,36 @@ class PackCache:
                 digest.update(b"%d:%s" % (len(line), line))
         return digest.hexdigest()
 
+    def leader(self, request_key: str) -> Optional[asyncio.Future[None]]:
+        """The wait of an identical request that has started git in this process, or None (then this
+        one leads, and must call :meth:`led`).
+
+        A storm's requests all arrive before the first one's hook has linked
+        its entry; without this, each would start upload-pack and follow the
+        entry through its own hook.
+        """
+        waiting = self._leaders.get(request_key)
+        if waiting is None:
+            self._leaders[request_key] = asyncio.get_running_loop().create_future()
+        return waiting
+
+    def led(self, request_key: str, running: Callable[[], bool]) -> None:
+        """The leader of ``request_key`` has started git (``running`` says while it runs), or failed to:
+        release the requests waiting for it once the link appears, or git has ended."""
+        task = asyncio.ensure_future(self._release_when_linked(request_key, running))
+        self._releasing.add(task)  # a task nothing refers to may be collected before it ends
+        task.add_done_callback(self._releasing.discard)
+
+    async def _release_when_linked(self, request_key: str, running: Callable[[], bool]) -> None:
+        link = Entry(self.directory, request_key).link
+        try:
+            while running() and not os.path.exists(link):
+                await asyncio.sleep(LEADER_POLL)
+        finally:
+            waiting = self._leaders.pop(request_key)
+            if not waiting.done():
+                waiting.set_result(None)
+
     def statistics(self) -> Dict[str, int]:
         """Hits, misses, bytes served from and written to the cache, errors, entries and bytes on disk."""
         return {**read_counters(self.directory), "entries": self.entries, "disk_bytes": self.disk_bytes}
@@ -212,7 +253,7 @@ class PackCache:
                     entries.append((st.st_mtime, st.st_size, item.path))
                 elif item.name.endswith((".part", ".tmp")) and (age < STALE_WRITE or _locked(item.path)):
                     others += st.st_size
-                elif not item.name.endswith(".seen") or age > self.max_age:
+                elif not item.name.endswith((".seen", ".link")) or age > self.max_age:
                     _remove(item.path)
         entries.sort()
         total = sum(size for _, size, _ in entries)

@@ -214,16 +214,30 @@ class ServiceHandler(GitHandler):
         cache, adverts = self.backend.pack_cache, self.backend.adverts
         assert cache is not None and adverts is not None
         request_key = None
+        leading = False
         if not repo.namespace:
             protocol = git_protocol(self.request.headers.get("Git-Protocol")) or ""
             state = adverts.state(repo.path, config)
             request_key = cache.request_key(repo.path, state, protocol, request)
-            if request_key is not None and await self._answer_from_cache(
-                cache.directory, request_key, request
-            ):
+        if request_key is not None:
+            if await self._answer_from_cache(cache.directory, request_key, request):
                 return True
+            waiting = cache.leader(request_key)
+            if waiting is not None:  # an identical request is starting git: its entry will do
+                await waiting
+                if await self._answer_from_cache(cache.directory, request_key, request):
+                    return True
+            else:
+                leading = True
         use_hook = cache.use_hook(repo.path, repo.namespace or "", request)
-        await self._start_git(request, use_hook, request_key)
+        try:
+            await self._start_git(request, use_hook, request_key)
+        finally:
+            if leading:
+                assert request_key is not None
+                pipe = self.pipe
+                running = (lambda: pipe.exit_status is None and not pipe.aborted) if pipe else (lambda: False)
+                cache.led(request_key, running)
         self.held_back = request
         return False
 

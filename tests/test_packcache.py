@@ -188,6 +188,28 @@ async def test_a_repeated_clone_is_answered_by_the_server_without_git(
 
 
 @pytest.mark.parametrize("settled", [0.0])
+@pytest.mark.gen_test(timeout=60)
+async def test_identical_fetches_arriving_together_start_git_once(
+    settled: float,
+    git: GitClient,
+    repo: Path,
+    http_port: int,
+    base_url: str,
+    cache: PackCache,
+    caplog: pytest.LogCaptureFixture,
+):
+    """A storm: all arrive before the first one's entry exists; the others wait for it, not run git too."""
+    caplog.set_level("INFO", "gittornado.access")
+    push_noise(git, repo, 4)
+    request = upload_pack_post("proj.git", v2_fetch_body(repo, git)).replace(
+        b"Content-Type", b"Git-Protocol: version=2\r\nContent-Type", 1
+    )
+    answers = await asyncio.gather(*(raw_http(http_port, request, timeout=30) for _ in range(6)))
+    assert [parse_response(answer)[0] for answer in answers] == [200] * 6
+    assert answered_by_server(caplog) == 5 and counters(cache)["misses"] == 1
+
+
+@pytest.mark.parametrize("settled", [0.0])
 @pytest.mark.gen_test(timeout=40)
 async def test_an_object_no_ref_points_to_is_never_answered_by_the_server(
     settled: float,
@@ -554,6 +576,15 @@ async def test_tidy_evicts_oldest_first_and_by_age(
     os.utime(stale, (now - 120, now - 120))
     cache.tidy()
     assert not stale.exists()
+    # A request's link stays as long as entries may (the server finds entries by it), then goes.
+    link = Path(cache.directory) / "cd" / ("cd" * 32 + ".link")
+    link.parent.mkdir(exist_ok=True)
+    link.write_text("ef" * 32)
+    cache.tidy()
+    assert link.exists()
+    os.utime(link, (now - 200, now - 200))
+    cache.tidy()
+    assert not link.exists()
 
 
 def test_command_reports_cache_metrics_across_processes(
