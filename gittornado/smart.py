@@ -254,7 +254,6 @@ class ServiceHandler(GitHandler):
         cached = await CachedPack.open(directory, request_key)
         if cached is None:
             return False
-        loop = asyncio.get_running_loop()
         stream = self.request.connection.stream  # type: ignore[union-attr]
         chunked = self.request.version == "HTTP/1.1"
         buffer = PackFrames()
@@ -263,7 +262,7 @@ class ServiceHandler(GitHandler):
             async for start, end in cached.ranges():
                 while start < end:
                     size = min(end - start, buffer.capacity())
-                    got = await loop.run_in_executor(None, buffer.read, cached.fd, start, size)
+                    got = await buffer.read(cached.fd, start, size)
                     if got <= 0:
                         raise OSError(errno.EIO, "the pack cache's entry shrank")
                     if not started:
