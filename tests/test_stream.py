@@ -475,3 +475,39 @@ async def test_git_answers_pass_a_compressing_application_unchanged(
         assert git.sync("rev-parse", "HEAD", cwd=tmp_path / "clone").strip() == head
     finally:
         server.stop()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_read_body_in_raises_the_piece_size_for_the_rest_of_a_request():
+    """Pins Tornado behaviour 9 of gittornado.httpserver, which LFS uploads rely on."""
+    from tornado.netutil import bind_sockets
+    from tornado.web import Application, RequestHandler, stream_request_body
+
+    from gittornado.httpserver import HardenedHTTPServer, read_body_in
+    from gittornado.sizes import CHUNK_SIZE
+
+    pieces: list[int] = []
+
+    @stream_request_body
+    class Pieces(RequestHandler):
+        def prepare(self) -> None:
+            self.request.connection.set_max_body_size(2**30)
+            read_body_in(self.request.connection, 4 * CHUNK_SIZE)
+
+        def data_received(self, chunk: bytes) -> None:
+            pieces.append(len(chunk))
+
+        def put(self) -> None:
+            self.finish(str(sum(pieces)))
+
+    server = HardenedHTTPServer(Application([("/", Pieces)]), chunk_size=CHUNK_SIZE)
+    sockets = bind_sockets(0, "127.0.0.1")
+    server.add_sockets(sockets)
+    try:
+        body = os.urandom(32 * CHUNK_SIZE)
+        head = b"PUT / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+        status, _, answer = parse_response(await raw_http(sockets[0].getsockname()[1], head + body))
+    finally:
+        server.stop()
+    assert status == 200 and answer == str(len(body)).encode()
+    assert max(pieces) > CHUNK_SIZE, pieces  # the larger pieces took effect within the request

@@ -22,6 +22,7 @@ from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from ..backend import GitBackend
+from ..httpserver import read_body_in
 from ..permission import Permission
 from ..sizes import CHUNK_SIZE
 from .batch import BAD_OID
@@ -34,6 +35,8 @@ log = logging.getLogger("gittornado")
 READ_SIZE = 4 * CHUNK_SIZE
 #: Bytes of an upload gathered before they are hashed and written (on a thread) at once.
 WRITE_SIZE = 4 * CHUNK_SIZE
+#: The pieces an upload's body is read in (the server's default is CHUNK_SIZE).
+UPLOAD_READ_SIZE = 4 * CHUNK_SIZE
 #: Gathered batches of one upload that may wait to be hashed or written before reading pauses.
 BATCHES_AHEAD = 4
 #: A download's cache headers: the URL names content that never changes, for this user only.
@@ -193,6 +196,7 @@ class ObjectHandler(LfsHandler):
         if limit is not None and self.expected > limit:
             raise LfsError(413, f"The object is larger than this server's limit of {limit} bytes")
         self.request.connection.set_max_body_size(2**62)  # type: ignore[union-attr]
+        read_body_in(self.request.connection, UPLOAD_READ_SIZE)
         store = self.lfs.stores(repo)
         try:
             self.upload = await asyncio.get_running_loop().run_in_executor(
