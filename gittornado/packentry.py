@@ -112,11 +112,17 @@ class Fetch:
         self.env = env
         self.settings = settings
         git_dir = os.path.realpath(env.get("GIT_DIR", "."))
-        key = cache_key(argv[1:], stdin, git_dir, settings.salt, env)
-        self.entry = Entry(settings.directory, key)
-        request = env.get(REQUEST_ENV)
-        if request:  # the next identical request finds this entry without git
-            write_link(settings.directory, request, key)
+        self.key = cache_key(argv[1:], stdin, git_dir, settings.salt, env)
+        self.entry = Entry(settings.directory, self.key)
+
+    def link(self) -> None:
+        """The entry exists (complete or growing): let the server find it for the next identical request.
+
+        Not before: requests waiting for this link try the entry at once.
+        """
+        request = self.env.get(REQUEST_ENV)
+        if request:
+            write_link(self.settings.directory, request, self.key)
 
     def serve(self) -> int:
         """Answer the request; the exit status for git."""
@@ -150,6 +156,7 @@ class Fetch:
                 unlink_if_same(self.entry.complete, fd)
                 count(self.settings.directory, errors=1)
                 return None
+            self.link()
             send_range(fd, 0, length)
         except OSError:
             return 128  # git's pipe broke: the client is gone
@@ -168,6 +175,8 @@ class Fetch:
             fd = os.open(self.entry.growing, os.O_RDONLY)
         except OSError:
             return None
+        if writer_alive(fd):
+            self.link()
         sent = 0
         try:
             while True:
@@ -249,6 +258,7 @@ class Fetch:
             os.close(fd)
             os.unlink(temporary)
             return None if isinstance(error, FileExistsError) else self.uncached(error=True)
+        self.link()
         pid, out = self.spawn(capture=True)
         assert out is not None
         caching, client_ok, length, delivered, crc = True, True, 0, 0, 0

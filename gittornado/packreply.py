@@ -73,7 +73,8 @@ class CachedPack:
         if pack_key is None:
             return None
         entry = Entry(directory, pack_key)
-        for name in (entry.complete, entry.growing):
+        # Complete, else growing, else complete after all: its writer may have just renamed it.
+        for name in (entry.complete, entry.growing, entry.complete):
             try:
                 fd = os.open(name, os.O_RDONLY)
             except OSError:
@@ -81,8 +82,8 @@ class CachedPack:
             if name == entry.growing:
                 if writer_alive(fd):
                     return cls(directory, fd, None)
-                os.close(fd)  # finished (renamed meanwhile) or dead: look no further
-                return None
+                os.close(fd)  # finished (and renamed: the next look finds it) or dead
+                continue
             try:
                 length = await asyncio.get_running_loop().run_in_executor(None, verified_length, fd)
             except OSError:

@@ -123,6 +123,13 @@ def pkt(text: str) -> bytes:
     return b"%04x%s" % (len(text) + 4, text.encode())
 
 
+def v2_post(repository: str, body: bytes, close: bool = True) -> bytes:
+    """A raw protocol-v2 upload-pack request (see conftest.upload_pack_post)."""
+    return upload_pack_post(repository, body, close).replace(
+        b"Host: x\r\n", b"Host: x\r\nGit-Protocol: version=2\r\n"
+    )
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_a_fetch_request_that_stalls_while_gathered_gets_408_and_starts_no_git(
     repo: Path, gitbase: Path, backend: GitBackend, http_port: int, base_url: str
@@ -153,9 +160,7 @@ async def test_a_request_too_long_to_gather_still_gets_its_pack_through_the_cach
     haves = b"".join(pkt(f"have {os.urandom(20).hex()}\n") for _ in range(SCANNED_REQUEST // 40))
     body = pkt("command=fetch\n") + b"0001" + pkt(f"want {head}\n") + haves + pkt("done\n") + b"0000"
     assert len(body) > SCANNED_REQUEST
-    request = upload_pack_post("proj.git", body).replace(
-        b"Host: x\r\n", b"Host: x\r\nGit-Protocol: version=2\r\n"
-    )
+    request = v2_post("proj.git", body)
     status, _, answer = parse_response(await raw_http(http_port, request))
     assert status == 200 and b"packfile\n" in answer, answer[:200]
     # Not looked at, so not counted: through the hook, though a fetch with haves is cached at its second.
@@ -201,9 +206,7 @@ async def test_identical_fetches_arriving_together_start_git_once(
     """A storm: all arrive before the first one's entry exists; the others wait for it, not run git too."""
     caplog.set_level("INFO", "gittornado.access")
     push_noise(git, repo, 4)
-    request = upload_pack_post("proj.git", v2_fetch_body(repo, git)).replace(
-        b"Content-Type", b"Git-Protocol: version=2\r\nContent-Type", 1
-    )
+    request = v2_post("proj.git", v2_fetch_body(repo, git))
     answers = await asyncio.gather(*(raw_http(http_port, request, timeout=30) for _ in range(6)))
     assert [parse_response(answer)[0] for answer in answers] == [200] * 6
     assert answered_by_server(caplog) == 5 and counters(cache)["misses"] == 1
@@ -224,9 +227,7 @@ async def test_an_object_no_ref_points_to_is_never_answered_by_the_server(
     caplog.set_level("INFO", "gittornado.access")
     old = git.sync("-C", str(repo), "rev-parse", "main~1").strip()
     body = pkt("command=fetch\n") + b"0001" + pkt(f"want {old}\n") + pkt("done\n") + b"0000"
-    request = upload_pack_post("proj.git", body).replace(
-        b"Host: x\r\n", b"Host: x\r\nGit-Protocol: version=2\r\n"
-    )
+    request = v2_post("proj.git", body)
     answers = [parse_response(await raw_http(http_port, request)) for _ in range(3)]
     assert answered_by_server(caplog) == 0  # git answered each time (it gives out what a ref reaches)
     assert all(status == 200 and b"packfile\n" in answer for status, _, answer in answers)
@@ -402,9 +403,7 @@ async def test_a_writer_whose_client_reads_nothing_does_not_hold_back_its_follow
     repo = make_repo(git, gitbase, "big.git")
     head = push_noise(git, repo, 24)  # more than the pipes and socket buffers hold
     git.sync("-C", str(repo), "repack", "-a", "-d", "-q")
-    request = upload_pack_post("big.git", v2_fetch_body(repo, git)).replace(
-        b"Content-Type", b"Git-Protocol: version=2\r\nContent-Type", 1
-    )
+    request = v2_post("big.git", v2_fetch_body(repo, git))
     reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
     writer.write(request)  # and then reads nothing, at the worst moment: it is the entry's writer
     await writer.drain()
@@ -471,9 +470,7 @@ async def test_writer_killed_while_the_server_follows_it_the_server_gets_the_res
 ):
     caplog.set_level("INFO", "gittornado")
     head = push_noise(git, repo, 4)
-    request = upload_pack_post("proj.git", v2_fetch_body(repo, git)).replace(
-        b"Content-Type", b"Git-Protocol: version=2\r\nContent-Type", 1
-    )
+    request = v2_post("proj.git", v2_fetch_body(repo, git))
     status, _, _ = parse_response(await raw_http(http_port, request))
     assert status == 200 and len(entries(cache, ".link")) == 1
     status, _, body = parse_response(
@@ -516,9 +513,7 @@ async def test_a_client_that_takes_nothing_from_the_server_s_answer_is_let_go(
 ):
     push_noise(git, repo, 24)  # more than the socket buffers hold
     body = v2_fetch_body(repo, git)
-    whole = upload_pack_post("proj.git", body).replace(
-        b"Content-Type", b"Git-Protocol: version=2\r\nContent-Type", 1
-    )
+    whole = v2_post("proj.git", body)
     status, _, _ = parse_response(await raw_http(http_port, whole, timeout=30))
     assert status == 200 and len(entries(cache, ".link")) == 1
     backend.idle_timeout = 1
