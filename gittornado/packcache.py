@@ -136,16 +136,9 @@ class PackCache:
             return True
         if self.min_requests <= 1:
             return True
-        digest = hashlib.sha256(b"gittornado request 1\0")
-        for part in (
-            git_dir.encode("utf-8", "surrogateescape"),
-            namespace.encode("utf-8", "surrogateescape"),
-        ):
-            digest.update(part + b"\0")
-        for line in lines:
-            if not line.startswith(_CLIENT_LINES):
-                digest.update(b"%d:%s" % (len(line), line))
-        seen = Entry(self.directory, digest.hexdigest()).seen
+        seen = Entry(
+            self.directory, _request_digest(b"gittornado request 1", (git_dir, namespace), lines)
+        ).seen
         try:
             os.makedirs(os.path.dirname(seen), exist_ok=True)
             fd = os.open(seen, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -193,13 +186,9 @@ class PackCache:
         tips = _ref_tips(git_dir)
         if not wants or tips is None or not wants <= tips:
             return None
-        digest = hashlib.sha256(b"gittornado reply 1\0")
-        for part in (self.settings.salt, git_dir, protocol, repr(state)):
-            digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
-        for line in lines:
-            if not line.startswith(_CLIENT_LINES):
-                digest.update(b"%d:%s" % (len(line), line))
-        return digest.hexdigest()
+        return _request_digest(
+            b"gittornado reply 1", (self.settings.salt, git_dir, protocol, repr(state)), lines
+        )
 
     def leader(self, request_key: str) -> Optional[asyncio.Future[None]]:
         """The wait of an identical request that has started git in this process, or None (then this
@@ -269,6 +258,17 @@ class PackCache:
         while True:
             await loop.run_in_executor(None, self.tidy)
             await asyncio.sleep(interval)
+
+
+def _request_digest(kind: bytes, parts: Tuple[str, ...], lines: List[bytes]) -> str:
+    """A request's key: ``parts`` and its pkt-lines, less what differs between identical clients' requests."""
+    digest = hashlib.sha256(kind + b"\0")
+    for part in parts:
+        digest.update(part.encode("utf-8", "surrogateescape") + b"\0")
+    for line in lines:
+        if not line.startswith(_CLIENT_LINES):
+            digest.update(b"%d:%s" % (len(line), line))
+    return digest.hexdigest()
 
 
 def _pkt_lines(data: bytes) -> Iterator[bytes]:
