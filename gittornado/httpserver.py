@@ -22,10 +22,10 @@ and tests/test_hostile.py fail if a Tornado upgrade changes one:
    it ends or is detached, with the ``HTTP1ServerConnection`` whose ``stream`` attribute is the stream;
    ``HTTP1Connection.detach()`` inside ``headers_received`` hands the stream over and ends the connection
    (tests/test_connections.py, and the 505 cases of tests/test_hostile.py).
-9. An ``HTTP1Connection`` reads a request body ``params.chunk_size`` bytes at a time from its
-   ``stream``, which takes up to ``read_chunk_size`` bytes from the socket at once; both are read
-   again for each piece, so :func:`read_body_in` can raise them for the rest of one request
-   (tests/test_stream.py).
+9. An ``HTTP1Connection`` reads a request's body only once ``headers_received`` is done (for a
+   ``stream_request_body`` handler: once ``prepare`` is), and then takes its framing (``Content-Length``,
+   ``Transfer-Encoding``) and ``Expect`` from the request's headers object: :class:`ClaimedBody` reads the
+   body in ``prepare`` and leaves in ``Content-Length`` only what it did not read (tests/test_stream.py).
 """
 
 from __future__ import annotations
@@ -68,16 +68,50 @@ __all__ = ["HardenedHTTPServer"]
 SERVED_VERSIONS = ("HTTP/1.0", "HTTP/1.1")
 
 
-def read_body_in(connection: Any, size: int) -> None:
-    """Hand the rest of this request's body to ``data_received`` in pieces of up to ``size`` bytes.
+class ClaimedBody:
+    """A request body of known length that the handler reads itself, from the socket into its own buffers.
 
-    For a long upload that the handler hashes and writes (an LFS object):
-    the server-wide 256 KiB made a gigabyte 4,096 socket reads, buffer
-    copies and trips through the handler, and cost its upload 20% of its
-    speed.  ``connection`` is the request's ``HTTP1Connection``.
+    For long uploads the handler hashes and writes (LFS objects). Tornado hands a body to
+    ``data_received`` as new ``bytes``: a buffer allocated and zeroed for each socket read, copied into
+    the stream's buffer and copied out again. For a gigabyte that was a fifth of the server's CPU, on a
+    path where the CPU is the limit, and memory that follows the socket, not the handler.
+    :meth:`read_into` takes the body with ``IOStream.read_into``: the socket's bytes land in the
+    caller's buffer, which the caller reuses.
+
+    Claim the body in a ``stream_request_body`` handler's ``prepare`` and read it there, to its end or
+    until answering: Tornado then reads what is left of the body, and nothing more (behaviour 9), so a
+    request answered early is framed as before and a pipelined request after it is read as a request.
     """
-    connection.params.chunk_size = max(connection.params.chunk_size, size)
-    connection.stream.read_chunk_size = max(connection.stream.read_chunk_size, size)
+
+    def __init__(self, request: httputil.HTTPServerRequest, length: int) -> None:
+        self.headers = request.headers
+        self.stream: IOStream = cast(HTTP1Connection, request.connection).stream
+        #: The body's bytes not read yet.
+        self.remaining = length
+
+    @classmethod
+    def claim(cls, request: httputil.HTTPServerRequest) -> Optional[ClaimedBody]:
+        """The request's body if it is framed by ``Content-Length`` alone; else None (Tornado reads it)."""
+        length = request.headers.get("Content-Length", "")
+        if "Transfer-Encoding" in request.headers or not length.isdigit():
+            return None
+        return cls(request, int(length))
+
+    async def read_into(self, buffer: memoryview) -> int:
+        """Read at most ``len(buffer)`` bytes of the body into ``buffer``, at least one; 0 at its end.
+
+        A client waiting for ``100 Continue`` is sent it first, as Tornado would have once ``prepare``
+        was done. Raises ``StreamClosedError`` when the client goes away.
+        """
+        if not self.remaining:
+            return 0
+        if self.headers.get("Expect", "").lower() == "100-continue":
+            del self.headers["Expect"]  # answered: Tornado must not send a second one
+            self.stream.write(b"HTTP/1.1 100 (Continue)\r\n\r\n")
+        count = await self.stream.read_into(buffer[: self.remaining], partial=True)
+        self.remaining -= count
+        self.headers["Content-Length"] = str(self.remaining)
+        return count
 
 
 class _VersionGate(httputil.HTTPMessageDelegate):

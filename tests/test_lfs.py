@@ -350,6 +350,20 @@ def test_lfs_behind_nginx_with_tls(
     assert any("method=PUT status=200" in line for line in access_lines(server, "lfs:upload"))
 
 
+def test_lfs_over_gittornados_own_tls(serve, client_for, tmp_path: Path, gitbase: Path, certificate):
+    """An upload read from a TLS stream into the server's buffers, several of them: it arrives whole."""
+    cert, key = certificate
+    server = serve("--certfile", str(cert), "--keyfile", str(key))
+    alice = client_for("alice")
+    alice.run("config", "--global", "http.sslCAInfo", str(cert))
+    url = f"{server.url}/proj.git"
+    contents = push_lfs_files(alice, url, tmp_path / "work", {"t.bin": 3_500_000, "u.bin": 10})
+    for data in contents.values():
+        assert stored(gitbase, data).read_bytes() == data
+    alice.run("clone", "-q", url, str(tmp_path / "clone"))
+    assert (tmp_path / "clone" / "t.bin").read_bytes() == contents["t.bin"]
+
+
 def test_workers_of_processes_share_the_secret_and_the_locks(
     serve, client_for, tmp_path: Path, gitbase: Path
 ):

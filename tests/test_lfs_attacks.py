@@ -6,13 +6,17 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
+import random
+import re
 import subprocess
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import urlsplit
 
 import pytest
+from conftest import raw_http
 from tornado.httpclient import AsyncHTTPClient, HTTPResponse
 
 from gittornado import GitBackend, RepositoryRoot
@@ -198,6 +202,15 @@ async def test_uploads_that_do_not_match_are_thrown_away(base_url: str, repo: Pa
     writer.close()
     await asyncio.sleep(0.3)
     assert lfs_files(repo) == []  # no object, no temporary file left
+    # Chunked: no length to hold the body to, so refused before a byte is stored.
+
+    async def chunks(write: Any) -> None:
+        await write(data[:1000])
+        await write(data[1000:])
+
+    response = await AsyncHTTPClient().fetch(href, method="PUT", body_producer=chunks, raise_error=False)
+    assert response.code == 411 and "Content-Length" in json.loads(response.body)["message"]
+    assert lfs_files(repo) == []
     # Without a signature, a PUT is the policy's to allow, and needs its Content-Length.
     plain = f"{base_url}/proj.git/info/lfs/objects/{oid}"
     assert (await fetch(plain, "PUT", data, user="reader")).code == 403
@@ -278,7 +291,7 @@ async def test_a_full_disk_answers_507_and_leaves_nothing(base_url: str, repo: P
         assert lfs_files(repo) == []
         await assert_still_serving(base_url, repo)  # a small one still fits
     finally:
-        subprocess.run(["umount", str(repo / "lfs")], check=True)
+        subprocess.run(["umount", "--lazy", str(repo / "lfs")], check=True)  # if a failure left files open
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -387,3 +400,137 @@ async def test_a_stalled_upload_is_ended_by_the_idle_timeout(base_url: str, repo
     writer.close()
     assert lfs_files(repo) == []
     await assert_still_serving(base_url, repo)
+
+
+def put_head(href: str, length: int, *headers: str) -> bytes:
+    """The head of a PUT of ``length`` bytes to a signed ``href``, as a client sends it."""
+    url = urlsplit(href)
+    lines = [f"PUT {url.path}?{url.query} HTTP/1.1", "Host: x", f"Content-Length: {length}", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+async def answer_while_sending(port: int, request: bytes) -> bytes:
+    """What the server answers while ``request`` is still being sent, up to its close.
+
+    A server that answers before the body's end and then closes makes the
+    rest of the sending fail: that is expected here, not an error.
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+
+    async def send() -> None:
+        try:
+            for start in range(0, len(request), 65536):
+                writer.write(request[start : start + 65536])
+                await writer.drain()
+        except ConnectionError:
+            pass
+
+    sending = asyncio.ensure_future(send())
+    answer = b""
+    try:
+        while chunk := await asyncio.wait_for(reader.read(65536), 20):
+            answer += chunk
+    except ConnectionError:
+        pass
+    finally:
+        sending.cancel()
+        writer.close()
+    return answer
+
+
+def statuses(raw: bytes) -> List[int]:
+    """The status of each response in ``raw``, interim ones included (bodies here never hold one)."""
+    return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", raw)]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_requests_after_an_upload_on_one_connection_are_read_as_requests(
+    base_url: str, repo: Path, http_port: int
+):
+    """The server reads an upload's body itself: exactly its length, so the next request is framed right."""
+    data = os.urandom(2_500_000)  # spans the server's buffers
+    oid = hashlib.sha256(data).hexdigest()
+    href = await upload_href(base_url, oid, len(data))
+    inner = b"GET /proj.git/info/refs HTTP/1.1\r\nHost: x\r\n\r\n"
+    wrong = inner * (len(data) // len(inner))
+    wrong += b"x" * (len(data) - len(wrong))
+    download = urlsplit(href).path
+    last = f"GET {download} HTTP/1.1\r\nHost: x\r\nX-User: writer\r\nConnection: close\r\n\r\n".encode()
+    raw = await raw_http(
+        http_port, put_head(href, len(data)) + data + put_head(href, len(data)) + wrong + last
+    )
+    # Stored; the wrong body (requests inside it included) refused as a whole; the download answered.
+    assert statuses(raw) == [200, 422, 200], raw[-600:]
+    assert raw.endswith(data)
+    assert lfs_files(repo) == [f"lfs/objects/{oid[:2]}/{oid[2:4]}/{oid}"]
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_upload_refused_halfway_never_lets_its_body_be_read_as_requests(
+    backend: GitBackend, base_url: str, repo: Path, http_port: int, caplog: pytest.LogCaptureFixture
+):
+    """The disk fills while the body still arrives: 507, and the rest of the body is never a request."""
+    caplog.set_level(logging.INFO, logger="gittornado.access")
+    backend.lfs.max_object_size = None
+    inner = b"GET /proj.git/info/lfs/locks HTTP/1.1\r\nHost: x\r\nX-User: writer\r\n\r\n"
+    data = inner * (12_000_000 // len(inner))
+    oid = hashlib.sha256(data).hexdigest()
+    href = await upload_href(base_url, oid, len(data))
+    (repo / "lfs").mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(repo / "lfs")], check=True)
+    try:
+        raw = await answer_while_sending(http_port, put_head(href, len(data)) + data)
+        assert statuses(raw) == [507], raw[:300]
+        assert "no room" in json.loads(raw.partition(b"\r\n\r\n")[2])["message"]
+        served = [record.getMessage() for record in caplog.records if record.name == "gittornado.access"]
+        assert len(served) == 2 and "status=507" in served[-1], served  # the batch, the upload: no more
+        assert lfs_files(repo) == []
+        await assert_still_serving(base_url, repo)
+    finally:
+        subprocess.run(["umount", "--lazy", str(repo / "lfs")], check=True)  # if a failure left files open
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_an_upload_expecting_100_continue_gets_it_once_and_only_when_allowed(
+    base_url: str, repo: Path, http_port: int
+):
+    data = os.urandom(1_500_000)
+    oid = hashlib.sha256(data).hexdigest()
+    href = await upload_href(base_url, oid, len(data))
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    writer.write(put_head(href, len(data), "Expect: 100-continue", "Connection: close"))
+    interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)  # the body waits for it
+    writer.write(data)
+    rest = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert statuses(interim) == [100] and statuses(rest) == [200]
+    assert lfs_files(repo) == [f"lfs/objects/{oid[:2]}/{oid[2:4]}/{oid}"]
+    # A user who may not write is refused at once, without being asked for the body.
+    plain = f"{base_url}/proj.git/info/lfs/objects/{oid}"
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    writer.write(put_head(plain, 5, "X-User: reader", "Expect: 100-continue"))
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert statuses(answer) == [403]
+
+
+@pytest.mark.gen_test(timeout=60)
+async def test_an_upload_trickling_in_tiny_pieces_is_stored_whole(base_url: str, repo: Path, http_port: int):
+    data = os.urandom(400_000)
+    oid = hashlib.sha256(data).hexdigest()
+    href = await upload_href(base_url, oid, len(data))
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    writer.write(put_head(href, len(data), "Connection: close"))
+    sizes = random.Random(7).choices([1, 2, 17, 1000, 4096, 65537], k=400)
+    position = 0
+    for size in sizes:
+        writer.write(data[position : position + size])
+        position += size
+        await writer.drain()
+        await asyncio.sleep(0.001)
+    writer.write(data[position:])
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    assert statuses(answer) == [200]
+    stored = repo / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
+    assert stored.read_bytes() == data

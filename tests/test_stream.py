@@ -478,36 +478,69 @@ async def test_git_answers_pass_a_compressing_application_unchanged(
 
 
 @pytest.mark.gen_test(timeout=30)
-async def test_read_body_in_raises_the_piece_size_for_the_rest_of_a_request():
-    """Pins Tornado behaviour 9 of gittornado.httpserver, which LFS uploads rely on."""
+async def test_a_claimed_body_leaves_tornado_only_what_it_did_not_read():
+    """Pins Tornado behaviour 9 of gittornado.httpserver, which LFS uploads rely on.
+
+    Tornado must read the body only after prepare, taking its length (and Expect) from the headers then:
+    otherwise it would wait for bytes prepare already took, or read a pipelined request as body.
+    """
     from tornado.netutil import bind_sockets
     from tornado.web import Application, RequestHandler, stream_request_body
 
-    from gittornado.httpserver import HardenedHTTPServer, read_body_in
-    from gittornado.sizes import CHUNK_SIZE
-
-    pieces: list[int] = []
+    from gittornado.httpserver import ClaimedBody, HardenedHTTPServer
 
     @stream_request_body
-    class Pieces(RequestHandler):
-        def prepare(self) -> None:
-            self.request.connection.set_max_body_size(2**30)
-            read_body_in(self.request.connection, 4 * CHUNK_SIZE)
+    class Claims(RequestHandler):
+        async def prepare(self) -> None:
+            self.claimed, self.rest = b"", b""
+            body = ClaimedBody.claim(self.request)
+            if body is None:  # the GET
+                return
+            buffer = memoryview(bytearray(int(self.get_query_argument("take"))))
+            filled = 0
+            while filled < len(buffer) and body.remaining:
+                filled += await body.read_into(buffer[filled:])
+            self.claimed = bytes(buffer[:filled])
 
         def data_received(self, chunk: bytes) -> None:
-            pieces.append(len(chunk))
+            self.rest += chunk
 
         def put(self) -> None:
-            self.finish(str(sum(pieces)))
+            self.finish(b"%d+%d:" % (len(self.claimed), len(self.rest)) + self.claimed + self.rest)
 
-    server = HardenedHTTPServer(Application([("/", Pieces)]), chunk_size=CHUNK_SIZE)
+        def get(self) -> None:
+            self.finish(b"next")
+
+    server = HardenedHTTPServer(Application([("/", Claims)]))
     sockets = bind_sockets(0, "127.0.0.1")
     server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    body = os.urandom(300_000)
+
+    def put(take: int, *headers: bytes) -> bytes:
+        return b"PUT /?take=%d HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n%s\r\n" % (
+            take,
+            len(body),
+            b"".join(header + b"\r\n" for header in headers),
+        )
+
+    last = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     try:
-        body = os.urandom(32 * CHUNK_SIZE)
-        head = b"PUT / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
-        status, _, answer = parse_response(await raw_http(sockets[0].getsockname()[1], head + body))
+        # All of it claimed, part of it, none: Tornado reads exactly the rest, and then the next request.
+        for take in (len(body), 1000, 0):
+            raw = await raw_http(port, put(take) + body + last)
+            first, _, second = raw.partition(b"HTTP/1.1 200")[2].partition(b"HTTP/1.1 200")
+            assert first.endswith(b"%d+%d:" % (take, len(body) - take) + body), take
+            assert second.endswith(b"\r\n\r\nnext")
+
+        # A client waiting for 100 Continue gets it once, before the body it then sends.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(put(len(body), b"Expect: 100-continue", b"Connection: close"))
+        assert await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5) == b"HTTP/1.1 100 (Continue)\r\n\r\n"
+        writer.write(body)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assert answer.startswith(b"HTTP/1.1 200") and b"100 (Continue)" not in answer
+        assert answer.endswith(b"%d+0:" % len(body) + body)
     finally:
         server.stop()
-    assert status == 200 and answer == str(len(body)).encode()
-    assert max(pieces) > CHUNK_SIZE, pieces  # the larger pieces took effect within the request

@@ -44,8 +44,12 @@ class ObjectUpload(ABC):
     """One object being written; invisible until :meth:`commit`."""
 
     @abstractmethod
-    def write(self, data: bytes) -> None:
-        """Append ``data``; :class:`StorageFull` when there is no room."""
+    def write(self, data: memoryview) -> None:
+        """Append ``data``; :class:`StorageFull` when there is no room.
+
+        ``data`` is a view of a buffer the caller fills again once this returns: a store that keeps
+        bytes beyond the call (to send them in parts) copies them.
+        """
 
     @abstractmethod
     def commit(self) -> None:
@@ -154,12 +158,12 @@ class _FileUpload(ObjectUpload):
         self._final = final
         self._written = 0
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: memoryview) -> None:
         assert self._fd is not None
-        view = memoryview(data)
         try:
-            while view:
-                view = view[os.write(self._fd, view) :]
+            written = 0
+            while written < len(data):
+                written += os.write(self._fd, data[written:])
             _write_behind(self._fd, self._written, len(data))
             self._written += len(data)
         except OSError as error:

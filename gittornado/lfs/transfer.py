@@ -1,11 +1,12 @@
 """The basic transfer: ``GET``/``PUT <repo>/info/lfs/objects/<oid>``, and the ``verify`` callback.
 
 Both directions stream: a download is read from disk a chunk at a time
-(with ``Range``, so an interrupted download resumes), an upload is written
-a chunk at a time to a temporary file while its SHA-256 and size are
-counted, and becomes the object only when both match.  File reads, writes
-and hashing run on the :class:`~gittornado.lfs.LfsServer`'s threads, one
-chunk ahead of the network, so memory stays flat and the loop keeps serving.
+(with ``Range``, so an interrupted download resumes), an upload is read
+from the socket into a few reused buffers, written to a temporary file while
+its SHA-256 and size are counted, and becomes the object only when both
+match.  File reads, writes and hashing run on the
+:class:`~gittornado.lfs.LfsServer`'s threads, a few buffers ahead of the
+network, so memory stays flat and the loop keeps serving.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
 
 from ..backend import GitBackend
-from ..httpserver import read_body_in
+from ..httpserver import ClaimedBody
 from ..permission import Permission
 from ..sizes import CHUNK_SIZE
 from .batch import BAD_OID
@@ -33,12 +34,10 @@ log = logging.getLogger("gittornado")
 
 #: Bytes read from disk at once for a download.
 READ_SIZE = 4 * CHUNK_SIZE
-#: Bytes of an upload gathered before they are hashed and written (on a thread) at once.
-WRITE_SIZE = 4 * CHUNK_SIZE
-#: The pieces an upload's body is read in (the server's default is CHUNK_SIZE).
-UPLOAD_READ_SIZE = 4 * CHUNK_SIZE
-#: Gathered batches of one upload that may wait to be hashed or written before reading pauses.
-BATCHES_AHEAD = 4
+#: The size of an upload's buffers: each is filled from the socket, then hashed and written at once.
+PIECE_SIZE = 4 * CHUNK_SIZE
+#: An upload's buffers: one being filled while the others are hashed and written.
+PIECES = 4
 #: A download's cache headers: the URL names content that never changes, for this user only.
 IMMUTABLE = "private, max-age=31536000, immutable"
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -65,16 +64,6 @@ def requested_range(header: Optional[str], size: int) -> Optional[Tuple[int, int
     return start, end
 
 
-def _write_all(upload: ObjectUpload, pieces: List[bytes]) -> None:
-    for piece in pieces:
-        upload.write(piece)
-
-
-def _hash_all(digest: hashlib._Hash, pieces: List[bytes]) -> None:
-    for piece in pieces:
-        digest.update(piece)
-
-
 def _check_oid(oid: str) -> None:
     if not valid_oid(oid):
         raise LfsError(422, BAD_OID)
@@ -88,8 +77,9 @@ def _read_at(file: BinaryIO, position: int, length: int) -> bytes:
 class ObjectHandler(LfsHandler):
     """Download (``GET``, ``HEAD``) and upload (``PUT``) one object.
 
-    An upload's body goes to a temporary file while it is counted and
-    hashed; anything but a complete, matching body is thrown away.
+    An upload's body is read in ``prepare`` (see :meth:`_receive`) and goes
+    to a temporary file while it is counted and hashed; anything but a
+    complete, matching body is thrown away.
     """
 
     SUPPORTED_METHODS = ("GET", "HEAD", "PUT")
@@ -97,16 +87,11 @@ class ObjectHandler(LfsHandler):
     def initialize(self, backend: GitBackend) -> None:  # type: ignore[override]
         super().initialize(backend)
         self.upload: Optional[ObjectUpload] = None
-        self.received = 0
-        self.expected = 0
         self.hash = hashlib.sha256()
-        # The last batch's write and hash: each waits for the one before (see _write_gathered).
+        # The last piece's write and hash: each waits for the one before (see _receive).
         self.writing: Optional[asyncio.Future[None]] = None
         self.hashing: Optional[asyncio.Future[None]] = None
-        self.ahead: Deque[Tuple[asyncio.Future[None], asyncio.Future[None]]] = collections.deque()
-        self.gathered: List[bytes] = []
         self.idle_timer: Optional[asyncio.TimerHandle] = None
-        self.gathered_size = 0
         self.failed = False
 
     async def get(self, name: str, oid: str) -> None:
@@ -183,28 +168,27 @@ class ObjectHandler(LfsHandler):
         _check_oid(oid)
         repo, _, signed = await self.open_signed(name, oid, Permission.WRITE, "PUT")
         self.service_label = "lfs:upload"
-        length = self.request.headers.get("Content-Length")
-        if signed is not None:
-            self.expected = signed.size
-            if length is not None and length != str(signed.size):
-                raise LfsError(400, f"The body must be the object's {signed.size} bytes")
-        elif length is not None and length.isdigit():
-            self.expected = int(length)
-        else:
-            raise LfsError(411, "An upload needs its Content-Length")
+        body = ClaimedBody.claim(self.request)
+        if body is None:
+            raise LfsError(411, "An upload needs its Content-Length (and no chunking)")
+        size = body.remaining
+        if signed is not None and size != signed.size:
+            raise LfsError(400, f"The body must be the object's {signed.size} bytes")
         limit = self.lfs.max_object_size
-        if limit is not None and self.expected > limit:
+        if limit is not None and size > limit:
             raise LfsError(413, f"The object is larger than this server's limit of {limit} bytes")
         self.request.connection.set_max_body_size(2**62)  # type: ignore[union-attr]
-        read_body_in(self.request.connection, UPLOAD_READ_SIZE)
         store = self.lfs.stores(repo)
         try:
             self.upload = await asyncio.get_running_loop().run_in_executor(
-                self.lfs.executor, store.begin, oid, self.expected
+                self.lfs.executor, store.begin, oid, size
             )
         except StorageFull:
             raise LfsError(507, "The server has no room for the object") from None
-        self._watch_idle()
+        try:
+            await self._receive(body)
+        except StreamClosedError:
+            self._discard()  # the client went away, or stalled (see _watch_idle)
 
     def _watch_idle(self) -> None:
         """End an upload whose body stalls for the backend's ``idle_timeout``, as git's transfers end."""
@@ -218,40 +202,49 @@ class ObjectHandler(LfsHandler):
         log.info("%s: LFS upload stalled for %ss; closing", self.repository, self.backend.idle_timeout)
         self.request.connection.close()  # type: ignore[union-attr]  # on_connection_close discards it
 
-    async def data_received(self, chunk: bytes) -> None:
-        if self.upload is None or self.failed:
-            return
-        self._watch_idle()
-        self.bytes_in += len(chunk)
-        self.received += len(chunk)
-        if self.received > self.expected:
-            self._fail(LfsError(400, f"The body is longer than the object's {self.expected} bytes"))
-            return
-        self.gathered.append(chunk)
-        self.gathered_size += len(chunk)
-        if self.gathered_size >= WRITE_SIZE:
-            await self._write_gathered()
+    def data_received(self, chunk: bytes) -> None:
+        """A GET's stray body, dropped (an upload's body is read by :meth:`_receive`)."""
 
-    async def _write_gathered(self) -> bool:
-        """Hand the gathered pieces to the threads; False (and the answer sent) if writing failed.
+    async def _receive(self, body: ClaimedBody) -> None:
+        """Read the body into at most :data:`PIECES` reused buffers, each hashed on one thread and written
+        on another.
 
-        One thread hashes a batch while another writes it and Tornado reads
-        on: on two cores, hashing and writing one after the other made them
-        the slowest step.  Each batch's hash and write wait for the previous
-        batch's, so both go in order; reading pauses once
-        :data:`BATCHES_AHEAD` batches wait, so memory stays bounded.  Pieces
-        are gathered to :data:`WRITE_SIZE` first, since the body arrives in
-        pieces as small as the socket gives, and each trip to a thread costs.
+        One thread hashes a piece while another writes it and the loop reads
+        the next: on two cores, hashing and writing one after the other made
+        them the slowest step.  Each piece's hash and write wait for the
+        previous piece's, so both go in order; a buffer is filled again only
+        once both are done with it, so memory stays at :data:`PIECES` buffers
+        however large the object.  The answer is :meth:`put`'s, or sent here
+        when writing fails.
         """
-        pieces, self.gathered, self.gathered_size = self.gathered, [], 0
-        if pieces and self.upload is not None:
-            self.writing = self._after(self.writing, _write_all, self.upload, pieces)
-            self.hashing = self._after(self.hashing, _hash_all, self.hash, pieces)
-            self.ahead.append((self.writing, self.hashing))
-        while len(self.ahead) > BATCHES_AHEAD:
-            if not await self._settled(*self.ahead.popleft()):
-                return False
-        return True
+        assert self.upload is not None
+        free: List[memoryview] = []
+        busy: Deque[Tuple[memoryview, asyncio.Future[None], asyncio.Future[None]]] = collections.deque()
+        try:
+            while body.remaining:
+                if not free and len(busy) == PIECES:
+                    buffer, writing, hashing = busy.popleft()
+                    if not await self._settled(writing, hashing):
+                        return
+                    free.append(buffer)
+                # A buffer only when one is needed, and no larger than the rest of the body: small objects
+                # and bodies that never come cost little.
+                buffer = free.pop() if free else memoryview(bytearray(min(PIECE_SIZE, body.remaining)))
+                filled = 0
+                while filled < len(buffer) and body.remaining:
+                    self._watch_idle()
+                    count = await body.read_into(buffer[filled:])
+                    self.bytes_in += count
+                    filled += count
+                piece = buffer[:filled]
+                self.writing = self._after(self.writing, self.upload.write, piece)
+                self.hashing = self._after(self.hashing, self.hash.update, piece)
+                busy.append((buffer, self.writing, self.hashing))
+                await asyncio.sleep(0)  # a body that arrives as fast as it is read must not hold up the loop
+        finally:
+            if self.idle_timer is not None:
+                self.idle_timer.cancel()
+        await self._settled(*(step for step in (self.writing, self.hashing) if step is not None))
 
     def _after(
         self, previous: Optional[asyncio.Future[None]], work: Callable[..., None], *args: object
@@ -276,22 +269,8 @@ class ObjectHandler(LfsHandler):
             self._fail(LfsError(507, "The server has no room for the object"))
         return False
 
-    async def _written(self) -> bool:
-        """Wait for every batch to be hashed and written; False (and the answer sent) if writing failed."""
-        self.ahead.clear()
-        steps = [step for step in (self.writing, self.hashing) if step is not None]
-        return await self._settled(*steps)
-
     async def put(self, name: str, oid: str) -> None:
-        if (
-            self.failed
-            or self.upload is None
-            or not await self._write_gathered()
-            or not await self._written()
-        ):
-            return
-        if self.received != self.expected:
-            self._fail(LfsError(400, f"The body is shorter than the object's {self.expected} bytes"))
+        if self.failed or self.upload is None:
             return
         if self.hash.hexdigest() != oid:
             self._fail(LfsError(422, "The body's sha256 is not the oid"))
