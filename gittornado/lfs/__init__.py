@@ -17,9 +17,18 @@ from typing import Callable, Optional
 from ..repos import Repository
 from .locks import locked_paths
 from .signing import UrlSigner, load_secret
-from .storage import ObjectStore, RepositoryObjectStore
+from .storage import ObjectStore, ObjectUpload, RepositoryObjectStore, StoredObject
 
-__all__ = ["LfsServer", "ObjectStore", "RepositoryObjectStore", "UrlSigner", "locked_paths", "secret_file"]
+__all__ = [
+    "LfsServer",
+    "ObjectStore",
+    "ObjectUpload",
+    "RepositoryObjectStore",
+    "StoredObject",
+    "UrlSigner",
+    "locked_paths",
+    "secret_file",
+]
 
 
 def secret_file(root: str) -> str:

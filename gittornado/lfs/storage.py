@@ -8,8 +8,12 @@ renamed into place only when it is complete and verified: a partial or wrong
 object is never visible, and two uploads of one object both rename the same
 content into place.
 
-An :class:`ObjectUpload`'s methods block (they write files); the handlers
-call them off the event loop.
+The handlers see only the interface: an object is read with
+:meth:`StoredObject.read` at any position and written with
+:meth:`ObjectUpload.write`, never through a file descriptor, so a store that
+keeps objects elsewhere (an S3-compatible bucket) needs no change to them.
+All of these methods may block (they touch files); the handlers call them
+off the event loop.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import os
 import re
 import secrets
 from abc import ABC, abstractmethod
-from typing import BinaryIO, Callable, Optional, Tuple
+from typing import Callable, Optional
 
 from ..repos import Repository
 
@@ -38,6 +42,22 @@ def valid_oid(oid: object) -> bool:
 
 class StorageFull(Exception):
     """The object could not be stored for lack of space (or quota); nothing of it was kept."""
+
+
+class StoredObject(ABC):
+    """One stored object, opened for reading."""
+
+    #: The object's size in bytes.
+    size: int
+
+    @abstractmethod
+    def read(self, position: int, length: int) -> bytes:
+        """Up to ``length`` bytes from ``position`` (fewer only at the end); a download with ``Range``
+        starts anywhere."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Done reading."""
 
 
 class ObjectUpload(ABC):
@@ -72,8 +92,8 @@ class ObjectStore(ABC):
         return self.size(oid) is not None
 
     @abstractmethod
-    def open(self, oid: str) -> Optional[Tuple[BinaryIO, int]]:
-        """The stored object opened for reading, with its size; None when it is not stored."""
+    def open(self, oid: str) -> Optional[StoredObject]:
+        """The stored object, opened for reading; None when it is not stored."""
 
     @abstractmethod
     def begin(self, oid: str, size: int) -> ObjectUpload:
@@ -104,12 +124,11 @@ class RepositoryObjectStore(ObjectStore):
         except FileNotFoundError:
             return None
 
-    def open(self, oid: str) -> Optional[Tuple[BinaryIO, int]]:
+    def open(self, oid: str) -> Optional[StoredObject]:
         try:
-            file = open(self.path(oid), "rb", buffering=0)
+            return _StoredFile(os.open(self.path(oid), os.O_RDONLY))
         except FileNotFoundError:
             return None
-        return file, os.fstat(file.fileno()).st_size  # type: ignore[return-value]
 
     def begin(self, oid: str, size: int) -> ObjectUpload:
         final = self.path(oid)
@@ -147,6 +166,20 @@ def _write_behind(fd: int, offset: int, length: int) -> None:
     """
     if _sync_file_range is not None:
         _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+class _StoredFile(StoredObject):
+    """An object's file, read with ``pread``: no file position shared between reads."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.size = os.fstat(fd).st_size
+
+    def read(self, position: int, length: int) -> bytes:
+        return os.pread(self._fd, length, position)
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class _FileUpload(ObjectUpload):

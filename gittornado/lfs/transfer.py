@@ -15,9 +15,8 @@ import asyncio
 import collections
 import hashlib
 import logging
-import os
 import re
-from typing import BinaryIO, Callable, Deque, List, Optional, Tuple
+from typing import Callable, Deque, List, Optional, Tuple
 
 from tornado.iostream import StreamClosedError
 from tornado.web import stream_request_body
@@ -28,7 +27,7 @@ from ..permission import Permission
 from ..sizes import CHUNK_SIZE
 from .batch import BAD_OID
 from .handlers import JsonRequestHandler, LfsError, LfsHandler
-from .storage import ObjectUpload, StorageFull, valid_oid
+from .storage import ObjectUpload, StorageFull, StoredObject, valid_oid
 
 log = logging.getLogger("gittornado")
 
@@ -69,10 +68,6 @@ def _check_oid(oid: str) -> None:
         raise LfsError(422, BAD_OID)
 
 
-def _read_at(file: BinaryIO, position: int, length: int) -> bytes:
-    return os.pread(file.fileno(), length, position)
-
-
 @stream_request_body
 class ObjectHandler(LfsHandler):
     """Download (``GET``, ``HEAD``) and upload (``PUT``) one object.
@@ -98,21 +93,21 @@ class ObjectHandler(LfsHandler):
         _check_oid(oid)
         repo, _, _ = await self.open_signed(name, oid, Permission.READ, "GET")
         self.service_label = "lfs:download"
-        opened = await asyncio.get_running_loop().run_in_executor(
+        stored = await asyncio.get_running_loop().run_in_executor(
             self.lfs.executor, self.lfs.stores(repo).open, oid
         )
-        if opened is None:
+        if stored is None:
             raise LfsError(404, "Object does not exist")
-        file, size = opened
         try:
-            await self._send(file, size)
+            await self._send(stored)
         finally:
-            file.close()
+            stored.close()
 
     async def head(self, name: str, oid: str) -> None:
         await self.get(name, oid)
 
-    async def _send(self, file: BinaryIO, size: int) -> None:
+    async def _send(self, stored: StoredObject) -> None:
+        size = stored.size
         etag = f'"{self.path_args[1]}"'
         self.set_header("Content-Type", "application/octet-stream")
         self.set_header("Accept-Ranges", "bytes")
@@ -134,7 +129,7 @@ class ObjectHandler(LfsHandler):
         executor, loop = self.lfs.executor, asyncio.get_running_loop()
         position = start
         reading: Optional[asyncio.Future[bytes]] = loop.run_in_executor(
-            executor, _read_at, file, position, min(READ_SIZE, end - position)
+            executor, stored.read, position, min(READ_SIZE, end - position)
         )
         try:
             while reading is not None:
@@ -145,7 +140,7 @@ class ObjectHandler(LfsHandler):
                 reading = None
                 if position < end:  # the next chunk is read while this one goes out
                     reading = loop.run_in_executor(
-                        executor, _read_at, file, position, min(READ_SIZE, end - position)
+                        executor, stored.read, position, min(READ_SIZE, end - position)
                     )
                 self.write(data)
                 await self.flush()
@@ -155,7 +150,7 @@ class ObjectHandler(LfsHandler):
             self.request.connection.close()  # type: ignore[union-attr]  # cut: it must not look complete
             raise
         finally:
-            if reading is not None:  # the caller closes the file: not while a thread reads it
+            if reading is not None:  # the caller closes the object: not while a thread reads it
                 await asyncio.wait([reading])
                 if not reading.cancelled():
                     reading.exception()  # retrieved: a failed read is not logged as unhandled
