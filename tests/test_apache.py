@@ -7,6 +7,9 @@ configuration around the example loads what Debian enables by default
 
 from __future__ import annotations
 
+import hashlib
+import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,3 +100,22 @@ async def test_apache_sets_the_client_address_a_client_cannot_fake(git, repo, tm
     await git.run("clone", "-q", f"{deployment.url}/proj.git", str(tmp_path / "w"))
     await commit_and_push(git, tmp_path / "w", fake)
     assert seen.read_text().strip() == "127.0.0.1"
+
+
+def test_lfs_uploads_and_downloads_through_apache(repo: Path, tmp_path: Path, deployment):
+    """Apache passes an upload on with its Content-Length (the example's proxy-sendchunked is for pushes),
+    which gittornado needs to read an LFS body into its own buffers."""
+    data = os.urandom(3_000_000)
+    oid = hashlib.sha256(data).hexdigest()
+    (tmp_path / "object").write_bytes(data)
+    url = f"{deployment.url}/proj.git/info/lfs/objects/{oid}"
+    put = curl("-T", str(tmp_path / "object"), url)
+    assert put.stdout == "200", put.stderr
+    assert (repo / "lfs" / "objects" / oid[:2] / oid[2:4] / oid).read_bytes() == data
+    get = curl("-o", str(tmp_path / "back"), url)
+    assert get.stdout == "200" and (tmp_path / "back").read_bytes() == data
+
+
+def curl(*args: str) -> subprocess.CompletedProcess:
+    """curl, printing the status code on stdout."""
+    return subprocess.run(["curl", "-sS", "-w", "%{http_code}", *args], capture_output=True, text=True)
