@@ -126,9 +126,14 @@ class RepositoryObjectStore(ObjectStore):
 
     def open(self, oid: str) -> Optional[StoredObject]:
         try:
-            return _StoredFile(os.open(self.path(oid), os.O_RDONLY))
+            fd = os.open(self.path(oid), os.O_RDONLY)
         except FileNotFoundError:
             return None
+        try:
+            return _StoredFile(fd)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def begin(self, oid: str, size: int) -> ObjectUpload:
         final = self.path(oid)
