@@ -596,3 +596,24 @@ def test_command_reports_cache_metrics_across_processes(
         text = response.read().decode()
     assert "gittornado_pack_cache_hits_total 3.0" in text
     assert "gittornado_pack_cache_misses_total 1.0" in text
+
+
+@pytest.mark.parametrize(
+    "request_key",
+    [
+        "../../" + "z" * 58,  # 64 characters that climb out of the cache (into tmp_path, where it shows)
+        "A" * 64,  # not lower-case hex
+        "a" * 63,  # too short
+        "",
+    ],
+)
+def test_a_request_key_the_server_did_not_make_is_never_a_path(tmp_path: Path, request_key: str):
+    """The hook takes its request key from its environment: anything but 64 hex digits writes nothing."""
+    from gittornado.packfiles import read_link, write_link
+
+    cache = tmp_path / "a" / "b" / "cache"
+    cache.mkdir(parents=True)
+    write_link(str(cache), request_key, "b" * 64)
+    assert sorted(tmp_path.rglob("*")) == [tmp_path / "a", tmp_path / "a" / "b", cache]  # nothing written
+    write_link(str(cache), "c" * 64, "b" * 64)  # the same call with a key the server makes: linked
+    assert read_link(str(cache), "c" * 64) == "b" * 64
