@@ -32,6 +32,7 @@ from .maintenance import (
     without_auto_gc,
 )
 from .repos import resolve_repository
+from .util import decimal
 
 log = logging.getLogger("gittornado")
 
@@ -62,9 +63,10 @@ def parse_grace(text: str) -> float:
 
 def positive(text: str) -> int:
     """An integer of 1 or more."""
-    if not text.isdigit() or int(text) < 1:
+    number = decimal(text)
+    if number is None or number < 1:
         raise argparse.ArgumentTypeError(f"not a number of 1 or more: {text!r}")
-    return int(text)
+    return number
 
 
 def add_grace_option(parser: argparse.ArgumentParser, option: str) -> None:

@@ -54,6 +54,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from .util import decimal
+
 log = logging.getLogger("gittornado.maintenance")  # the name it logged under before the split
 
 #: Unreachable objects and abandoned quarantines younger than this are kept (git gc's default, 2 weeks).
@@ -231,10 +233,11 @@ class RepositoryLock:
             return False  # being written or just removed: try again next time
         if age >= STALE_LOCK:
             return True
-        if host != socket.gethostname() or not pid.isdigit():
+        number = decimal(pid)
+        if host != socket.gethostname() or number is None:
             return False
         try:
-            os.kill(int(pid), 0)
+            os.kill(number, 0)
         except ProcessLookupError:
             return True
         except PermissionError:

@@ -61,6 +61,7 @@ from .framing import (  # noqa: F401
     install_framing_log_filter,
     plain_answer,
 )
+from .util import decimal
 
 __all__ = ["HardenedHTTPServer"]
 
@@ -92,10 +93,10 @@ class ClaimedBody:
     @classmethod
     def claim(cls, request: httputil.HTTPServerRequest) -> Optional[ClaimedBody]:
         """The request's body if it is framed by ``Content-Length`` alone; else None (Tornado reads it)."""
-        length = request.headers.get("Content-Length", "")
-        if "Transfer-Encoding" in request.headers or not length.isdigit():
+        length = decimal(request.headers.get("Content-Length", ""))
+        if "Transfer-Encoding" in request.headers or length is None:
             return None
-        return cls(request, int(length))
+        return cls(request, length)
 
     async def read_into(self, buffer: memoryview) -> int:
         """Read at most ``len(buffer)`` bytes of the body into ``buffer``, at least one; 0 at its end.

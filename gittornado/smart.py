@@ -19,6 +19,7 @@ from .process import Busy
 from .pushchecks import PushOutcome
 from .repos import Repository
 from .services import GET_ANY_FILE, SERVICES, UPLOAD_PACK, Service
+from .util import decimal
 
 
 def dumb_ref_format(repo: Repository) -> str:
@@ -125,8 +126,8 @@ class ServiceHandler(PackCacheAnswers):
         git_protocol(self.request.headers.get("Git-Protocol"))  # refused now, not once the body flows
         writes = service.permission is Permission.WRITE
         limit = self.backend.max_body_size if writes else self.backend.max_fetch_body_size
-        length = self.request.headers.get("Content-Length")
-        if limit is not None and length is not None and length.isdigit() and int(length) > limit:
+        length = decimal(self.request.headers.get("Content-Length", ""))
+        if limit is not None and length is not None and length > limit:
             raise HTTPError(413, reason="Request body too large")
         # Tornado's own cap (100 MB by default) would cut pushes; the decoder enforces ours.
         self.request.connection.set_max_body_size(2**62)  # type: ignore[union-attr]

@@ -1,10 +1,22 @@
-"""Small helpers shared by the modules that call user-supplied code."""
+"""Small helpers shared by several modules: calling user-supplied code, reading numbers clients send."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
+
+
+def decimal(text: str) -> Optional[int]:
+    """``text`` as a whole number if it is at most 18 ASCII digits, else None.
+
+    ``str.isdigit`` also accepts characters that ``int`` refuses (``²``, a
+    byte a client may put in a header) and others that ``int`` reads
+    (``٣``), and ``int`` refuses more than 4,300 digits: a number from a
+    request must not reach ``int`` through it.  18 digits hold any size,
+    time or process id there is.
+    """
+    return int(text) if len(text) <= 18 and text.isascii() and text.isdigit() else None
 
 
 async def maybe_await(func: Callable[..., Any], *args: Any) -> Any:

@@ -364,6 +364,9 @@ async def test_downloads_resume_with_range_and_are_immutable(base_url: str, repo
     outside = await fetch(get, user=None, Range="bytes=900000-")
     assert outside.code == 416 and json.loads(outside.body)["message"] == f"The object has {len(data)} bytes"
     assert (await fetch(get, user=None, **{"If-None-Match": f'"{oid}"'})).code == 304
+    # Numbers that are no byte position (int() refuses 4,300 digits, and "²"): the whole object.
+    for nonsense in ("bytes=" + "9" * 5000 + "-", "bytes=\xb2-"):
+        assert (await fetch(get, user=None, Range=nonsense)).body == data
 
 
 @pytest.mark.gen_test(timeout=30)
@@ -534,3 +537,25 @@ async def test_an_upload_trickling_in_tiny_pieces_is_stored_whole(base_url: str,
     assert statuses(answer) == [200]
     stored = repo / "lfs" / "objects" / oid[:2] / oid[2:4] / oid
     assert stored.read_bytes() == data
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_numbers_in_other_digits_are_refused_never_a_server_error(
+    base_url: str, repo: Path, http_port: int, caplog: pytest.LogCaptureFixture
+):
+    """``²`` passes ``str.isdigit()`` and fails ``int()``; 5,000 digits fail ``int()`` too."""
+    oid = hashlib.sha256(b"x").hexdigest()
+    plain = f"/proj.git/info/lfs/objects/{oid}"
+    head = "Host: x\r\nX-User: writer\r\nConnection: close\r\n"
+    put = f"PUT {plain} HTTP/1.1\r\n{head}Content-Length: \xb2\r\n\r\nx".encode("latin-1")
+    batch = (
+        f"POST /proj.git/info/lfs/objects/batch HTTP/1.1\r\n{head}Content-Type: {LFS_JSON}\r\n"
+        "Content-Length: \xb2\r\n\r\n{}"
+    ).encode("latin-1")
+    assert statuses(await raw_http(http_port, put)) == [411]
+    assert statuses(await raw_http(http_port, batch)) == [400]  # Tornado's framing answer
+    for size in ("%C2%B2", "9" * 5000):
+        signed = f"{base_url}{plain}?size={size}&expires={size}&sig=x&user=writer"
+        assert (await fetch(signed, "PUT", b"x", user=None)).code == 401  # not signed: the policy's 401
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    await assert_still_serving(base_url, repo)

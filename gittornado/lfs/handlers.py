@@ -19,7 +19,7 @@ from ..backend import GitBackend
 from ..handlers import GitRequestMixin
 from ..permission import Permission
 from ..repos import Repository
-from ..util import maybe_await
+from ..util import decimal, maybe_await
 from . import LfsServer
 from .signing import SignedRequest
 
@@ -119,8 +119,8 @@ class JsonRequestHandler(LfsHandler):
     def prepare(self) -> None:
         self._body = bytearray()
         self._too_large = False
-        length = self.request.headers.get("Content-Length", "")
-        if length.isdigit() and int(length) > MAX_JSON_BODY:
+        length = decimal(self.request.headers.get("Content-Length", ""))
+        if length is not None and length > MAX_JSON_BODY:
             raise LfsError(413, f"The request is larger than {MAX_JSON_BODY} bytes")
         media = self.request.headers.get("Content-Type", "").split(";")[0].strip()
         if self.request.method == "POST" and media not in (LFS_JSON, "application/json"):

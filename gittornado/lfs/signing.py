@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from typing import Dict, Optional
 
+from ..util import decimal
+
 #: Bytes of randomness in a new secret.
 SECRET_BYTES = 32
 
@@ -89,13 +91,11 @@ class UrlSigner:
         self, method: str, repository: str, oid: str, query: Dict[str, str], now: Optional[float] = None
     ) -> Optional[SignedRequest]:
         """The request ``query`` (a signed URL's arguments) authorizes, or None if it authorizes nothing."""
-        size, expires, sig = query.get("size", ""), query.get("expires", ""), query.get("sig", "")
-        if not (size.isdigit() and expires.isdigit() and len(size) < 20 and len(expires) < 20):
+        size, expires = decimal(query.get("size", "")), decimal(query.get("expires", ""))
+        if size is None or expires is None or expires < (now if now is not None else time.time()):
             return None
-        if int(expires) < (now if now is not None else time.time()):
-            return None
-        request = SignedRequest(method, repository, oid, int(size), query.get("user"))
-        if not hmac.compare_digest(sig, self._mac(request, int(expires))):
+        request = SignedRequest(method, repository, oid, size, query.get("user"))
+        if not hmac.compare_digest(query.get("sig", ""), self._mac(request, expires)):
             return None
         return request
 

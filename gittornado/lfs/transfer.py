@@ -39,7 +39,8 @@ PIECE_SIZE = 4 * CHUNK_SIZE
 PIECES = 4
 #: A download's cache headers: the URL names content that never changes, for this user only.
 IMMUTABLE = "private, max-age=31536000, immutable"
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+#: A byte range; longer numbers than any object's size are no range (``int`` refuses 4,300 digits).
+_RANGE = re.compile(r"bytes=([0-9]{0,18})-([0-9]{0,18})")
 
 
 def requested_range(header: Optional[str], size: int) -> Optional[Tuple[int, int]]:
