@@ -278,6 +278,19 @@ async def test_concurrent_uploads_of_one_object_are_harmless(base_url: str, repo
     assert answer["objects"] == [{"oid": oid, "size": len(data)}]
 
 
+@pytest.mark.gen_test(timeout=60)
+async def test_thirty_different_uploads_at_once_each_arrive_whole(base_url: str, repo: Path):
+    """Each upload fills and reuses buffers of its own while the threads hash and write the others'."""
+    contents = [os.urandom(1_500_000 + i) for i in range(30)]  # two buffers each
+    hrefs = [await upload_href(base_url, hashlib.sha256(data).hexdigest(), len(data)) for data in contents]
+    responses = await asyncio.gather(*(fetch(h, "PUT", d, user=None) for h, d in zip(hrefs, contents)))
+    assert [r.code for r in responses] == [200] * 30
+    for data in contents:
+        oid = hashlib.sha256(data).hexdigest()
+        assert (repo / "lfs" / "objects" / oid[:2] / oid[2:4] / oid).read_bytes() == data
+    assert not list((repo / "lfs" / "tmp").iterdir())
+
+
 @pytest.mark.gen_test(timeout=30)
 async def test_a_full_disk_answers_507_and_leaves_nothing(base_url: str, repo: Path):
     (repo / "lfs").mkdir()
