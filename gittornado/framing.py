@@ -9,7 +9,7 @@ them through, badly for a server that promises "a short plain-text reason" for e
   gets no answer at all, often a reset;
 - a request that says ``HTTP/1.2`` to ``HTTP/1.9``: Tornado serves it, and its response has neither a
   length nor chunking on a connection that may stay open. Those get 505, as other versions do, from
-  the version gate of :mod:`gittornado.httpserver` (with :meth:`ErrorAnswers.answer`).
+  the request gate of :mod:`gittornado.httpserver` (with :meth:`ErrorAnswers.answer`).
 
 Tornado has no hook for the first two, so :class:`ErrorAnswers` shadows three public methods of
 each connection's IOStream with instance attributes (the IOStream classes stay untouched, TLS streams

@@ -1,11 +1,13 @@
 """HardenedHTTPServer: an HTTPServer whose refusals are complete answers and whose connections are capped.
 
-Three kinds of bad request never reach a handler, and Tornado answers them badly or not at all:
-broken framing (400), a request head over ``max_header_size`` (431), and ``HTTP/1.2`` to ``HTTP/1.9``,
-which Tornado would serve without a length or chunking. :mod:`gittornado.framing` answers the first two
-in plain text (:class:`~gittornado.framing.ErrorAnswers` on each connection's stream) and rewrites
-Tornado's log line for them (:class:`~gittornado.framing.FramingLogFilter`); :class:`_VersionGate` here
-answers the third with 505.
+Four kinds of bad request never reach a handler, and Tornado answers them badly or not at all:
+broken framing (400), a request head over ``max_header_size`` (431), ``HTTP/1.2`` to ``HTTP/1.9``,
+which Tornado would serve without a length or chunking, and a GET or HEAD with a body, which Tornado
+would wait for. :mod:`gittornado.framing` answers the first two in plain text
+(:class:`~gittornado.framing.ErrorAnswers` on each connection's stream) and rewrites Tornado's log line
+for them (:class:`~gittornado.framing.FramingLogFilter`); :class:`_RequestGate` here answers the third
+with 505 and the fourth with 400. A body that stops coming is cut after ``body_timeout`` (by default
+the idle timeout), unless its handler times it itself.
 
 The server also stays within its file descriptors (see :mod:`gittornado.connections`): it serves at most
 ``limits.total`` connections at once and ``limits.per_address`` from one client address; one more is
@@ -24,8 +26,10 @@ and tests/test_hostile.py fail if a Tornado upgrade changes one:
    (tests/test_connections.py, and the 505 cases of tests/test_hostile.py).
 9. An ``HTTP1Connection`` reads a request's body only once ``headers_received`` is done (for a
    ``stream_request_body`` handler: once ``prepare`` is), and then takes its framing (``Content-Length``,
-   ``Transfer-Encoding``) and ``Expect`` from the request's headers object: :class:`ClaimedBody` reads the
-   body in ``prepare`` and leaves in ``Content-Length`` only what it did not read (tests/test_stream.py).
+   ``Transfer-Encoding``) and ``Expect`` from the request's headers object, and its timeout from
+   ``set_body_timeout``: :class:`ClaimedBody` reads the body in ``prepare`` and leaves in
+   ``Content-Length`` only what it did not read, and a handler that streams a push lifts the body timeout
+   there (tests/test_stream.py).
 """
 
 from __future__ import annotations
@@ -65,6 +69,10 @@ from .util import decimal
 
 __all__ = ["HardenedHTTPServer"]
 
+#: Tornado's ``idle_connection_timeout`` when none is given (HTTP1ConnectionParameters: an hour).
+DEFAULT_IDLE_TIMEOUT = 3600.0
+#: The reason a GET or HEAD with a body gets 400.
+GET_WITH_BODY = "a GET or HEAD request has no body"
 #: The HTTP versions served; a request line with any other gets 505.
 SERVED_VERSIONS = ("HTTP/1.0", "HTTP/1.1")
 
@@ -115,11 +123,15 @@ class ClaimedBody:
         return count
 
 
-class _VersionGate(httputil.HTTPMessageDelegate):
-    """Answers 505 to a request whose HTTP version is not served; passes every other on to ``delegate``.
+class _RequestGate(httputil.HTTPMessageDelegate):
+    """Answers 505 to a request whose HTTP version is not served, and 400 to a GET or HEAD with a body;
+    passes every other on to ``delegate``.
 
     Tornado serves ``HTTP/1.2`` to ``HTTP/1.9`` as if they were HTTP/1.0, with a response that has neither
     a length nor chunking on a connection the client may keep open: the client cannot tell where it ends.
+    A body on a GET means nothing (RFC 9110, 9.3.1: a server may refuse it, as a smuggling risk), git
+    never sends one, and Tornado reads it whole before a handler sees the request: one that never comes
+    would hold the connection until the body timeout.
     """
 
     def __init__(
@@ -135,13 +147,21 @@ class _VersionGate(httputil.HTTPMessageDelegate):
         start_line: Union[httputil.RequestStartLine, httputil.ResponseStartLine],
         headers: httputil.HTTPHeaders,
     ) -> Optional[Awaitable[None]]:
-        if start_line.version in SERVED_VERSIONS:
-            self.passed = True
-            return self.delegate.headers_received(start_line, headers)
-        stream = self.connection.detach()  # Tornado reads and writes nothing more on this connection
-        self.answers.answer(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, UNSUPPORTED_VERSION)
+        if start_line.version not in SERVED_VERSIONS:
+            return self.refuse(HTTPStatus.HTTP_VERSION_NOT_SUPPORTED, UNSUPPORTED_VERSION)
+        method = cast(httputil.RequestStartLine, start_line).method
+        if method in ("GET", "HEAD") and (
+            headers.get("Content-Length", "0") != "0" or "Transfer-Encoding" in headers
+        ):
+            return self.refuse(HTTPStatus.BAD_REQUEST, GET_WITH_BODY)
+        self.passed = True
+        return self.delegate.headers_received(start_line, headers)
+
+    def refuse(self, status: HTTPStatus, reason: str) -> None:
+        """Answer in plain text and close: Tornado reads and writes nothing more on this connection."""
+        stream = self.connection.detach()
+        self.answers.answer(status, reason)
         stream.close()  # gently, since answered (see ErrorAnswers.close_with_answer)
-        return None
 
     def data_received(self, chunk: bytes) -> Optional[Awaitable[None]]:
         return self.delegate.data_received(chunk)
@@ -174,7 +194,13 @@ class HardenedHTTPServer(HTTPServer):
 
     def initialize(self, *args: Any, limits: Optional[ConnectionLimits] = None, **kwargs: Any) -> None:
         """Set up as ``HTTPServer`` does, and install :class:`FramingLogFilter` (once per process): the
-        filter must be in place before the first request, and every server is initialized before that."""
+        filter must be in place before the first request, and every server is initialized before that.
+
+        ``body_timeout`` defaults to ``idle_connection_timeout``: Tornado's default is none, and a request
+        whose body never comes then holds its connection for good. A handler that streams long bodies and
+        times them itself lifts it with ``request.connection.set_body_timeout(None)`` in ``prepare``.
+        """
+        kwargs.setdefault("body_timeout", kwargs.get("idle_connection_timeout", DEFAULT_IDLE_TIMEOUT))
         super().initialize(*args, **kwargs)
         install_framing_log_filter()
         self.limits = limits or ConnectionLimits.sized(by_address=not self.xheaders)
@@ -220,10 +246,10 @@ class HardenedHTTPServer(HTTPServer):
     def start_request(
         self, server_conn: object, request_conn: httputil.HTTPConnection
     ) -> httputil.HTTPMessageDelegate:
-        """Tornado's delegate for the request, behind a :class:`_VersionGate`."""
+        """Tornado's delegate for the request, behind a :class:`_RequestGate`."""
         delegate = super().start_request(server_conn, request_conn)
         _, answers = self.served[cast(HTTP1ServerConnection, server_conn).stream]
-        return _VersionGate(delegate, cast(HTTP1Connection, request_conn), answers)
+        return _RequestGate(delegate, cast(HTTP1Connection, request_conn), answers)
 
     def refuse(self, stream: IOStream, reason: str) -> None:
         """Answer a connection over a cap with 503 and close it, or close it at once when

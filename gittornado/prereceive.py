@@ -103,7 +103,8 @@ def new_blobs(updates: List[Update]) -> Iterator[Tuple[str, int]]:
         [_GIT, "cat-file", "--batch-check=%(objectname) %(objecttype) %(objectsize)"],
         input="\n".join(named) + "\n",
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="surrogateescape",  # see _git
         check=True,
     ).stdout
     for line in sizes.splitlines():
@@ -124,7 +125,8 @@ def changed_paths(updates: List[Update]) -> Iterator[str]:
         [_GIT, "diff-tree", "--stdin", "-r", "--root", "--no-commit-id", "--name-only", "-z"],
         input="\n".join(commits) + "\n",
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="surrogateescape",  # see _git
         check=True,
     ).stdout
     yield from dict.fromkeys(path for path in listing.split("\0") if path)
@@ -155,7 +157,10 @@ _GIT = os.environ.get(GIT_VARIABLE, "git")
 
 
 def _git(*args: str) -> str:
-    return subprocess.run([_GIT, *args], capture_output=True, text=True, check=True).stdout
+    """git's output as text; paths are bytes to git, and one that is not UTF-8 must not stop a push."""
+    return subprocess.run(
+        [_GIT, *args], capture_output=True, encoding="utf-8", errors="surrogateescape", check=True
+    ).stdout
 
 
 def _size(size: int) -> str:

@@ -203,6 +203,11 @@ class RepositoryRoot:
         return await asyncio.get_running_loop().run_in_executor(None, make)
 
 
+#: A repository a push creates is made under a scratch name first: ``.<name>.git`` and this, and
+#: mkdtemp's 8 random characters. Its last part must leave room for them within a file name's 255 bytes.
+_SCRATCH_SUFFIX = ".creating-"
+_LONGEST_NAME = 255 - len(".") - len(_SCRATCH_SUFFIX) - 8
+
 #: Written into a repository a push creates: git init's HEAD names its default branch, which the
 #: push may not have; after the first push that brings a branch, HEAD names it, and the hook goes.
 _FIRST_PUSH_HOOK = """#!/bin/sh
@@ -276,6 +281,8 @@ def create_repository(
     target = os.path.join(root, stem + ".git")
     parent = os.path.dirname(target)
     reason = _why_not_created(root, parent)
+    if reason is None and len(os.fsencode(os.path.basename(target))) > _LONGEST_NAME:
+        reason = f"its last part is longer than {_LONGEST_NAME} bytes"
     if reason is None and os.path.lexists(target):
         reason = "something else has that name"
     if reason is None and os.path.realpath(parent) != parent:
@@ -285,7 +292,7 @@ def create_repository(
         if found is None:
             log.warning("not creating repository %r: %s", name, reason)
         return found
-    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.creating-", dir=parent)
+    scratch = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}{_SCRATCH_SUFFIX}", dir=parent)
     try:
         subprocess.run(
             [git, "init", "-q", "--bare", scratch],

@@ -129,8 +129,10 @@ class ServiceHandler(PackCacheAnswers):
         length = decimal(self.request.headers.get("Content-Length", ""))
         if limit is not None and length is not None and length > limit:
             raise HTTPError(413, reason="Request body too large")
-        # Tornado's own cap (100 MB by default) would cut pushes; the decoder enforces ours.
+        # Tornado's own cap (100 MB by default) would cut pushes; the decoder enforces ours. Its time limit
+        # for a whole body too: a push may take hours; _arm_body_timer and the idle timeout time it here.
         self.request.connection.set_max_body_size(2**62)  # type: ignore[union-attr]
+        self.request.connection.set_body_timeout(None)  # type: ignore[union-attr]
         self.decoder = BodyDecoder(self.request.headers.get("Content-Encoding"), limit)
         self.service: Service = service
         self._git_args = (repo, grant, service.name, [*service.command, repo.path], config)

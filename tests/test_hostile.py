@@ -262,6 +262,12 @@ BROKEN_FRAMING = {
         lambda t: get("/proj.git/HEAD", b"Authorization: Basic " + SECRET + b"\x01"),
         "malformed header line",
     ),
+    # A GET's body means nothing, and one announced but never sent would hold the connection.
+    "get-with-body": (lambda t: get("/proj.git/HEAD", b"Content-Length: 4") + b"abcd", "has no body"),
+    "get-with-chunked-body": (
+        lambda t: get("/proj.git/HEAD", b"Transfer-Encoding: chunked") + chunked(b"abcd"),
+        "has no body",
+    ),
     "host-missing": (lambda t: b"GET /proj.git/HEAD HTTP/1.1\r\n\r\n", "Host header"),
     "host-invalid": (
         lambda t: b"GET /proj.git/HEAD HTTP/1.1\r\nHost: two words\r\nConnection: close\r\n\r\n",

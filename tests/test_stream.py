@@ -544,3 +544,49 @@ async def test_a_claimed_body_leaves_tornado_only_what_it_did_not_read():
         assert answer.endswith(b"%d+0:" % len(body) + body)
     finally:
         server.stop()
+
+
+@pytest.mark.gen_test(timeout=30)
+async def test_a_streaming_handler_lifts_the_body_timeout_in_prepare():
+    """Pins the body-timeout half of Tornado behaviour 9 of gittornado.httpserver: HardenedHTTPServer cuts a
+    body that takes longer than its idle timeout; a push (which may take hours) lifts that in prepare."""
+    from tornado.netutil import bind_sockets
+    from tornado.web import Application, RequestHandler, stream_request_body
+
+    from gittornado.httpserver import HardenedHTTPServer
+
+    @stream_request_body
+    class Slow(RequestHandler):
+        def prepare(self) -> None:
+            self.received = 0
+            if self.get_query_argument("lift", ""):
+                self.request.connection.set_body_timeout(None)
+
+        def data_received(self, chunk: bytes) -> None:
+            self.received += len(chunk)
+
+        def put(self) -> None:
+            self.finish(str(self.received))
+
+    server = HardenedHTTPServer(Application([("/", Slow)]), idle_connection_timeout=0.5)
+    sockets = bind_sockets(0, "127.0.0.1")
+    server.add_sockets(sockets)
+
+    async def slow_put(query: bytes) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", sockets[0].getsockname()[1])
+        head = b"PUT /%s HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 10\r\n\r\n" % query
+        writer.write(head + b"hello")
+        await asyncio.sleep(1.5)  # three times the body timeout
+        try:
+            writer.write(b"world")
+            return await asyncio.wait_for(reader.read(), 5)
+        except ConnectionError:
+            return b""
+        finally:
+            writer.close()
+
+    try:
+        assert (await slow_put(b"?lift=1")).endswith(b"\r\n\r\n10")
+        assert await slow_put(b"") == b""  # cut, without an answer: no handler has seen the request yet
+    finally:
+        server.stop()

@@ -34,7 +34,7 @@ class BatchHandler(JsonRequestHandler):
     async def post(self, name: str) -> None:
         body = self.json_body()
         operation = body.get("operation")
-        if operation not in OPERATIONS:
+        if not isinstance(operation, str) or operation not in OPERATIONS:
             raise LfsError(422, "operation must be download or upload")
         transfers = body.get("transfers", ["basic"])
         if not isinstance(transfers, list) or "basic" not in transfers:

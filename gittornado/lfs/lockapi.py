@@ -31,7 +31,7 @@ def _page(locks: List[Lock], cursor: Any, limit: Any) -> Tuple[List[Lock], Optio
         locks = locks[ids.index(cursor) :]
     try:
         count = min(int(limit), MAX_PAGE) if limit not in (None, "") else MAX_PAGE
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # None, "x", 1e999
         raise LfsError(422, "limit must be a number") from None
     if count < 1:
         raise LfsError(422, "limit must be positive")

@@ -22,6 +22,10 @@ from typing import Dict, List, Optional
 
 #: Longest path that may be locked (git itself has no limit; 4096 is PATH_MAX).
 MAX_PATH_LENGTH = 4096
+#: The most of a lock file read: its path in JSON's escapes takes up to 12 bytes a character (emoji).
+MAX_LOCK_FILE = 12 * MAX_PATH_LENGTH + 2**16
+#: Tries to take a path's lock file while it keeps being removed under us (or cannot be read).
+LINK_TRIES = 100
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class LockStore:
             os.write(fd, json.dumps(asdict(lock)).encode())
             os.fsync(fd)
             os.close(fd)
-            while True:
+            for _ in range(LINK_TRIES):
                 try:
                     os.link(temporary, final)
                     return lock
@@ -103,6 +107,7 @@ class LockStore:
                     if existing is not None:
                         raise LockExists(existing) from None
                     # unlocked between our link and our read: try again
+            raise OSError(f"the lock file {final} exists but cannot be read")
         finally:
             os.unlink(temporary)
 
@@ -133,7 +138,7 @@ class LockStore:
 def _read(name: str) -> Optional[Lock]:
     try:
         with open(name, "rb") as f:
-            fields = json.loads(f.read(2 * MAX_PATH_LENGTH + 4096))
+            fields = json.loads(f.read(MAX_LOCK_FILE))
         return Lock(**fields)
     except (OSError, ValueError, TypeError):
         return None

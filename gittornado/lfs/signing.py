@@ -95,7 +95,7 @@ class UrlSigner:
         if size is None or expires is None or expires < (now if now is not None else time.time()):
             return None
         request = SignedRequest(method, repository, oid, size, query.get("user"))
-        if not hmac.compare_digest(query.get("sig", ""), self._mac(request, expires)):
+        if not hmac.compare_digest(query.get("sig", "").encode(), self._mac(request, expires).encode()):
             return None
         return request
 

@@ -129,9 +129,9 @@ class ObjectHandler(LfsHandler):
             return
         executor, loop = self.lfs.executor, asyncio.get_running_loop()
         position = start
-        reading: Optional[asyncio.Future[bytes]] = loop.run_in_executor(
-            executor, stored.read, position, min(READ_SIZE, end - position)
-        )
+        reading: Optional[asyncio.Future[bytes]] = None
+        if position < end:  # an empty object has nothing to read
+            reading = loop.run_in_executor(executor, stored.read, position, min(READ_SIZE, end - position))
         try:
             while reading is not None:
                 data = await reading
