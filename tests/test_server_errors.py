@@ -191,6 +191,15 @@ def case(
 
 # --- The cases --------------------------------------------------------------------------------------
 
+#: A fetch whose body is announced and never sent (``--header-timeout 1``: 408 after a second).
+UPLOAD_PACK_BODY_NEVER_COMES = http(
+    "POST",
+    "/proj.git/git-upload-pack",
+    "Content-Type: application/x-git-upload-pack-request",
+    "Content-Length: 100",
+    length=False,
+)
+
 SMART = {
     "info-refs-unknown-service": case(http("GET", "/proj.git/info/refs?service=git-foo"), 400),
     "info-refs-archive-service": case(http("GET", "/proj.git/info/refs?service=git-upload-archive"), 400),
@@ -278,13 +287,7 @@ SMART = {
     ),
     # --header-timeout 1: a POST whose body does not start within a second gets 408.
     "upload-pack-body-never-comes": case(
-        http(
-            "POST",
-            "/proj.git/git-upload-pack",
-            "Content-Type: application/x-git-upload-pack-request",
-            "Content-Length: 100",
-            length=False,
-        ),
+        UPLOAD_PACK_BODY_NEVER_COMES,
         408,
     ),
     "upload-pack-expect-nonsense": case(upload_pack(b"0000", "Expect: 100-nonsense"), 200, 400, 417),
@@ -992,13 +995,7 @@ PACK_CACHE = {
         server="pack-cache",
     ),
     "pack-cache-body-never-comes": case(
-        http(
-            "POST",
-            "/proj.git/git-upload-pack",
-            "Content-Type: application/x-git-upload-pack-request",
-            "Content-Length: 100",
-            length=False,
-        ),
+        UPLOAD_PACK_BODY_NEVER_COMES,
         408,
         server="pack-cache",
     ),
@@ -1060,6 +1057,7 @@ ABANDONED: Dict[str, Tuple[Request, Optional[int]]] = {
     ),
     "abandon-create-on-push": (create("new.git"), None),
 }
+
 
 CASES: Dict[str, Case] = {
     **SMART,
