@@ -1169,9 +1169,12 @@ def lfs(io_loop: Any) -> Iterator[LfsServer]:
 
 
 @pytest.fixture
-def backend(gitbase: Path, tmp_path: Path, policy: IniPolicy, lfs: LfsServer, sweep: Case) -> GitBackend:
-    """As ``gittornado --create-on-push --idle-timeout 1 --header-timeout 1 --max-fetch-body-size 2M``
-    (``--max-file-size 4M``, ``--pack-cache DIR`` for the cases that ask for them)."""
+def backend(
+    gitbase: Path, repo: Path, tmp_path: Path, policy: IniPolicy, lfs: LfsServer, sweep: Case
+) -> GitBackend:
+    """``gitbase`` with ``repo`` in it, served as ``gittornado --create-on-push --idle-timeout 1
+    --header-timeout 1 --max-fetch-body-size 2M`` (``--max-file-size 4M``, ``--pack-cache DIR`` for the
+    cases that ask for them)."""
     limits = PushLimits(max_file_size=MAX_OBJECT if "max-file-size" in sweep.server else None)
     pack_cache = PackCache(str(tmp_path / "pack-cache")) if "pack-cache" in sweep.server else None
     return GitBackend(
