@@ -148,11 +148,10 @@ class JsonRequestHandler(LfsHandler):
             self._body_timer.cancel()
             self._body_timer = None
 
-    def _body_stalled(self) -> None:
+    def _body_stalled(self) -> None:  # never after the answer: on_finish stops the watch
         self._body_timer = None
-        if not self._finished:
-            error = LfsError(408, "The request body did not come in time")
-            self.send_error(408, exc_info=(type(error), error, None))
+        error = LfsError(408, "The request body did not come in time")
+        self.send_error(408, exc_info=(type(error), error, None))
 
     def on_finish(self) -> None:
         self._stop_watching_body()
