@@ -230,6 +230,18 @@ def push_noise(git: GitClient, repo: Path, mib: int) -> str:
         return git.sync("rev-parse", "HEAD", cwd=Path(work)).strip()
 
 
+def pack_for_push(git: GitClient, work: Path, revs: str) -> bytes:
+    """The pack a push from ``work`` sends: ``revs`` as git rev-list reads them (``<new>\n^<old>\n``)."""
+    return subprocess.run(
+        ["git", "pack-objects", "--stdout", "--revs", "-q"],
+        cwd=work,
+        env=git.env,
+        input=revs.encode(),
+        capture_output=True,
+        check=True,
+    ).stdout
+
+
 async def raw_http(port: int, request: bytes, timeout: float = 10.0) -> bytes:
     """Send ``request`` bytes verbatim over TCP and return everything until the server closes.
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Dict, List
 
 import pytest
-from conftest import GitClient, git_processes_under, make_repo, wait_until
+from conftest import GitClient, git_processes_under, make_repo, pack_for_push, wait_until
 from test_stream import pkt, want_request
 
 from gittornado import GitBackend
@@ -56,14 +56,7 @@ def push_request(git: GitClient, repo: Path, work: Path, ref: str, blob_size: in
     ).stdout.strip()
     old = current or ZERO_OID
     revs = f"{new}\n" + "".join(f"^{oid}\n" for oid in git.sync("rev-parse", "--all", cwd=repo).split())
-    pack = subprocess.run(
-        ["git", "pack-objects", "--stdout", "--revs", "-q"],
-        cwd=work,
-        env=git.env,
-        input=revs.encode(),
-        capture_output=True,
-        check=True,
-    ).stdout
+    pack = pack_for_push(git, work, revs)
     commands = pkt(f"{old} {new} {ref}\0report-status side-band-64k\n") + b"0000"
     return PushRequest(ref, old, new, commands + pack)
 

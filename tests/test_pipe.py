@@ -30,6 +30,7 @@ import pytest
 from conftest import (
     GitClient,
     git_processes_under,
+    pack_for_push,
     parse_response,
     upload_pack_post,
     wait_until,
@@ -647,14 +648,7 @@ def push_request(git: GitClient, repo: Path, work: Path) -> Tuple[str, str, byte
     git.sync("add", ".", cwd=work)
     git.sync("commit", "-q", "-m", "pushed raw", cwd=work)
     old, new = head_of(git, repo), git.sync("rev-parse", "HEAD", cwd=work).strip()
-    pack = subprocess.run(
-        ["git", "pack-objects", "--stdout", "--revs", "-q"],
-        cwd=work,
-        env=git.env,
-        input=f"{new}\n^{old}\n".encode(),
-        capture_output=True,
-        check=True,
-    ).stdout
+    pack = pack_for_push(git, work, f"{new}\n^{old}\n")
     body = pkt(f"{old} {new} refs/heads/main\0 report-status\n") + b"0000" + pack
     return old, new, body
 

@@ -30,7 +30,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,7 @@ from typing import Any, Callable, Dict, FrozenSet, Iterator, List, Optional, Tup
 from urllib.parse import urlencode
 
 import pytest
-from conftest import GitClient, git_processes_under, make_repo, wait_until
+from conftest import GitClient, git_processes_under, make_repo, pack_for_push, wait_until
 from passlib.hash import apr_md5_crypt
 
 from gittornado import GitBackend, HardenedHTTPServer, RepositoryRoot
@@ -1112,14 +1111,7 @@ def prebuilt(tmp_path_factory: pytest.TempPathFactory, git_client: GitClient, te
     git_client.sync("add", ".", cwd=work)
     git_client.sync("commit", "-q", "-m", "a file named in latin-1", cwd=work)
     new = git_client.sync("rev-parse", "HEAD", cwd=work).strip()
-    pack = subprocess.run(
-        ["git", "pack-objects", "--stdout", "--revs", "-q"],
-        cwd=work,
-        env=git_client.env,
-        input=f"{new}\n^{old}\n".encode(),
-        capture_output=True,
-        check=True,
-    ).stdout
+    pack = pack_for_push(git_client, work, f"{new}\n^{old}\n")
     commands = pkt(f"{old} {new} refs/heads/main\0report-status side-band-64k\n") + b"0000"
     clone = (
         pkt("command=fetch\n") + b"0001" + pkt(f"want {old}\n") + pkt("ofs-delta\n") + pkt("done\n") + b"0000"
