@@ -25,6 +25,7 @@ from tornado.web import HTTPError
 
 from .backend import git_protocol
 from .handlers import GitHandler
+from .packcache import pkt_lines
 from .packreply import FLUSH, PACKFILE, CachedPack, PackFrames, SidebandReader, WriterDied
 from .pipe import GitProcessPipe
 from .services import Service
@@ -53,12 +54,13 @@ class PackCacheAnswers(GitHandler):
         repo, config = self._git_args[0], self._git_args[4]
         cache, adverts = self.backend.pack_cache, self.backend.adverts
         assert cache is not None and adverts is not None
+        lines = pkt_lines(request)
         request_key = None
         leading = False
         if not repo.namespace:
             protocol = git_protocol(self.request.headers.get("Git-Protocol")) or ""
             state = adverts.state(repo.path, config)
-            request_key = cache.request_key(repo.path, state, protocol, request)
+            request_key = cache.request_key(repo.path, state, protocol, lines)
         if request_key is not None:
             if await self._answer_from_cache(cache.directory, request_key, request):
                 return True
@@ -69,7 +71,7 @@ class PackCacheAnswers(GitHandler):
                     return True
             else:
                 leading = True
-        use_hook = cache.use_hook(repo.path, repo.namespace or "", request)
+        use_hook = cache.use_hook(repo.path, repo.namespace or "", lines)
         try:
             await self._start_git(request, use_hook, request_key)
         finally:

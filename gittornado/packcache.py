@@ -37,7 +37,7 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Set, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from .packfiles import REQUEST_ENV, STALE_WRITE, Entry, HookSettings, read_counters, writer_alive
 from .packfiles import TRAILER as TRAILER  # re-exported: tests read entries with it
@@ -117,19 +117,16 @@ class PackCache:
             env[REQUEST_ENV] = request_key
         return ["-c", f"uploadpack.packObjectsHook={self.hook}"], env
 
-    def use_hook(self, git_dir: str, namespace: str, request: Optional[bytes]) -> bool:
-        """Whether upload-pack should run the hook for this fetch ``request`` (see the module docstring).
+    def use_hook(self, git_dir: str, namespace: str, lines: List[bytes]) -> bool:
+        """Whether upload-pack should run the hook for the fetch request of ``lines``
+        (:func:`pkt_lines`; see the module docstring).
 
-        ``request`` is the whole request body (decoded), or None when it is
-        longer than :data:`SCANNED_REQUEST`.  A request that packs nothing
-        (a negotiation round, ``ls-refs``) never starts the hook, whatever
-        this says.  A fetch with ``have`` lines is counted here, in a
-        ``.seen`` file of the cache directory, so every process and host
-        that shares it counts.
+        A request longer than :data:`SCANNED_REQUEST` is not looked at, and
+        always uses the hook.  A request that packs nothing (a negotiation
+        round, ``ls-refs``) never starts the hook, whatever this says.  A
+        fetch with ``have`` lines is counted here, in a ``.seen`` file of the
+        cache directory, so every process and host that shares it counts.
         """
-        if request is None:
-            return True
-        lines = list(_pkt_lines(request))
         # With haves, whether git packs is up to it (protocol v2 sends the pack after "ready", without
         # "done"), so every such request counts.
         if not any(line.startswith(b"have ") for line in lines):
@@ -151,9 +148,10 @@ class PackCache:
             return False  # cannot count, so cannot cache: as without a cache
 
     def request_key(
-        self, git_dir: str, state: Optional[object], protocol: str, request: bytes
+        self, git_dir: str, state: Optional[object], protocol: str, lines: List[bytes]
     ) -> Optional[str]:
-        """The key under which this fetch's answer may be sent again without git, or None.
+        """The key under which the answer to the fetch request of ``lines`` (:func:`pkt_lines`) may be
+        sent again without git, or None.
 
         Only a protocol v2 clone or fetch that says ``done`` and asks for
         nothing but objects qualifies: upload-pack's whole answer to it is then
@@ -166,7 +164,6 @@ class PackCache:
         must be a ref's tip: what no ref points to may be pruned later, and
         must then be refused, as upload-pack would.
         """
-        lines = list(_pkt_lines(request))
         if (
             state is None
             or "version=2" not in protocol.split(":")
@@ -271,19 +268,21 @@ def _request_digest(kind: bytes, parts: Tuple[str, ...], lines: List[bytes]) -> 
     return digest.hexdigest()
 
 
-def _pkt_lines(data: bytes) -> Iterator[bytes]:
-    """The payloads of the pkt-lines in ``data``, without their newline; stops at anything else."""
+def pkt_lines(data: bytes) -> List[bytes]:
+    """The payloads of the pkt-lines in ``data``, without their newline, up to anything else."""
+    lines = []
     position = 0
     while position + 4 <= len(data):
         try:
             length = int(data[position : position + 4], 16)
         except ValueError:
-            return
+            break
         if length < 4:  # flush, delimiter, response-end
             position += 4
             continue
-        yield data[position + 4 : position + length].rstrip(b"\n")
+        lines.append(data[position + 4 : position + length].rstrip(b"\n"))
         position += length
+    return lines
 
 
 def _ref_tips(git_dir: str) -> Optional[Set[bytes]]:
