@@ -209,6 +209,4 @@ class PackCacheAnswers(GitHandler):
 
     def _end_pack_answer(self) -> None:
         self.write(FLUSH)
-        self.finish()
-        if self.request.version == "HTTP/1.0":
-            self.request.connection.close()  # type: ignore[union-attr]
+        self.finish_framed_body()

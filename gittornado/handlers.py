@@ -325,11 +325,18 @@ class GitHandler(GitRequestMixin, RequestHandler):
         status = await pipe.exited()
         if status != 0:
             log.warning("%s: git exited with status %s mid-transfer", self.repository, status)
+        self.finish_framed_body()
+        return status == 0
+
+    def finish_framed_body(self) -> None:
+        """Finish a response whose body was framed past Tornado (see :meth:`send_git_output`).
+
+        For HTTP/1.0 that body is close-delimited: the connection ends with it, even if the client
+        asked for keep-alive.
+        """
         self.finish()
         if self.request.version == "HTTP/1.0":
-            # The body is close-delimited for HTTP/1.0; end it even if the client asked for keep-alive.
             self.request.connection.close()  # type: ignore[union-attr]
-        return status == 0
 
 
 class NotFoundHandler(GitRequestMixin, RequestHandler):
