@@ -19,7 +19,7 @@ from .process import Busy
 from .pushchecks import PushOutcome
 from .repos import Repository
 from .services import GET_ANY_FILE, SERVICES, UPLOAD_PACK, Service
-from .util import decimal
+from .util import Deadline, decimal
 
 
 def dumb_ref_format(repo: Repository) -> str:
@@ -110,7 +110,8 @@ class ServiceHandler(PackCacheAnswers):
         # With a pack cache, the start of an upload-pack request, gathered before git starts (see post()).
         self.gathering: Optional[List[bytes]] = None
         self.gathered = 0
-        self._body_timer: Optional[object] = None
+        # Answers 408 if the body (or, while a fetch request is gathered, its next piece) does not come.
+        self.body_deadline = Deadline(backend.body_timeout, self._body_did_not_start)
         self._release_slot: Optional[Callable[[], None]] = None
 
     async def prepare(self) -> None:
@@ -130,7 +131,7 @@ class ServiceHandler(PackCacheAnswers):
         if limit is not None and length is not None and length > limit:
             raise HTTPError(413, reason="Request body too large")
         # Tornado's own cap (100 MB by default) would cut pushes; the decoder enforces ours. Its time limit
-        # for a whole body too: a push may take hours; _arm_body_timer and the idle timeout time it here.
+        # for a whole body too: a push may take hours; body_deadline and the idle timeout time it here.
         self.request.connection.set_max_body_size(2**62)  # type: ignore[union-attr]
         self.request.connection.set_body_timeout(None)  # type: ignore[union-attr]
         self.decoder = BodyDecoder(self.request.headers.get("Content-Encoding"), limit)
@@ -138,10 +139,10 @@ class ServiceHandler(PackCacheAnswers):
         self._git_args = (repo, grant, service.name, [*service.command, repo.path], config)
         if service is UPLOAD_PACK and self.backend.pack_cache is not None:
             self.gathering = []
-        self._arm_body_timer()
+        self.body_deadline.restart()
 
     async def data_received(self, chunk: bytes) -> None:
-        self._cancel_body_timer()
+        self.body_deadline.stop()
         self.bytes_in += len(chunk)
         if self.decoder is None or self.refused or self.ignoring_input:
             return
@@ -151,7 +152,7 @@ class ServiceHandler(PackCacheAnswers):
                     self.gathering.append(piece)
                     self.gathered += len(piece)
                     if self.gathered <= SCANNED_REQUEST:
-                        self._arm_body_timer()  # no git yet to time out: a stalled body ends here
+                        self.body_deadline.restart()  # no git yet to time out: a stalled body ends here
                         continue
                     piece, self.gathering = b"".join(self.gathering), None  # too long to look at: the hook
                 pipe = self.pipe or await self._start_git(piece, use_pack_cache=True)
@@ -170,7 +171,7 @@ class ServiceHandler(PackCacheAnswers):
             self._refuse(error)
 
     async def post(self, name: str, service_name: str) -> None:
-        self._cancel_body_timer()
+        self.body_deadline.stop()
         if self.refused or self.decoder is None:
             return
         if not self.ignoring_input:
@@ -198,7 +199,7 @@ class ServiceHandler(PackCacheAnswers):
             self.backend.maintenance.pushed(self._git_args[0].path)
 
     def on_finish(self) -> None:
-        self._cancel_body_timer()
+        self.body_deadline.stop()
         if self._release_slot is not None:
             self._release_slot()
         super().on_finish()
@@ -231,22 +232,9 @@ class ServiceHandler(PackCacheAnswers):
             cache_request_key=cache_request_key,
         )
 
-    def _arm_body_timer(self) -> None:
-        """Answer 408 if the body (or, while a fetch request is gathered, its next piece) does not come."""
-        self._cancel_body_timer()
-        timeout = self.backend.body_timeout
-        if timeout:
-            self._body_timer = asyncio.get_running_loop().call_later(timeout, self._body_did_not_start)
-
     def _body_did_not_start(self) -> None:
-        self._body_timer = None
         if self.pipe is None and not self.completed:
             self._refuse(HTTPError(408, reason="The request body did not come in time"))
-
-    def _cancel_body_timer(self) -> None:
-        if self._body_timer is not None:
-            self._body_timer.cancel()  # type: ignore[attr-defined]
-            self._body_timer = None
 
     def _refuse(self, error: HTTPError) -> None:
         """Stop git before it acts on a body that will not arrive whole, and say why.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 from typing import Any, Callable, Mapping, Optional
@@ -46,3 +47,32 @@ def moved_names(module: str, moved: Mapping[str, str]) -> Callable[[str], Any]:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
 
     return find
+
+
+class Deadline:
+    """``expired()`` runs ``timeout`` seconds after the last :meth:`restart`, unless :meth:`stop` comes first.
+
+    For a request whose body, or next piece of it, must come in time. A ``timeout`` of None or 0 never
+    expires.
+    """
+
+    def __init__(self, timeout: Optional[float], expired: Callable[[], None]) -> None:
+        self.timeout = timeout
+        self.expired = expired
+        self._timer: Optional[asyncio.TimerHandle] = None
+
+    def restart(self) -> None:
+        """Count the ``timeout`` from now."""
+        self.stop()
+        if self.timeout:
+            self._timer = asyncio.get_running_loop().call_later(self.timeout, self._expire)
+
+    def stop(self) -> None:
+        """Never expire (until the next :meth:`restart`)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        self.expired()

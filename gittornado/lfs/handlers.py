@@ -8,7 +8,6 @@ asked for the password.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from typing import Any, Optional, Tuple
@@ -20,7 +19,7 @@ from ..backend import GitBackend
 from ..handlers import GitRequestMixin
 from ..permission import Permission
 from ..repos import Repository
-from ..util import decimal, maybe_await
+from ..util import Deadline, decimal, maybe_await
 from . import LfsServer
 from .signing import SignedRequest
 
@@ -121,7 +120,9 @@ class JsonRequestHandler(LfsHandler):
     timeout, lifted here, would close the connection without a word).
     """
 
-    _body_timer: Optional[asyncio.TimerHandle] = None
+    def initialize(self, backend: GitBackend) -> None:  # type: ignore[override]
+        super().initialize(backend)
+        self.body_deadline = Deadline(backend.body_timeout, self._body_stalled)
 
     def prepare(self) -> None:
         self._body = bytearray()
@@ -134,35 +135,22 @@ class JsonRequestHandler(LfsHandler):
             raise LfsError(415, f"Expected Content-Type {LFS_JSON}")
         if length or "Transfer-Encoding" in self.request.headers:
             self.request.connection.set_body_timeout(None)  # type: ignore[union-attr]
-            self._watch_body()
+            self.body_deadline.restart()
 
-    def _watch_body(self) -> None:
-        """Answer 408 unless the body's next piece (or end) comes within ``body_timeout``."""
-        self._stop_watching_body()
-        timeout = self.backend.body_timeout
-        if timeout:
-            self._body_timer = asyncio.get_running_loop().call_later(timeout, self._body_stalled)
-
-    def _stop_watching_body(self) -> None:
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
-
-    def _body_stalled(self) -> None:  # never after the answer: on_finish stops the watch
-        self._body_timer = None
+    def _body_stalled(self) -> None:  # never after the answer: on_finish stops the deadline
         error = LfsError(408, "The request body did not come in time")
         self.send_error(408, exc_info=(type(error), error, None))
 
     def on_finish(self) -> None:
-        self._stop_watching_body()
+        self.body_deadline.stop()
         super().on_finish()
 
     def on_connection_close(self) -> None:
-        self._stop_watching_body()
+        self.body_deadline.stop()
         super().on_connection_close()
 
     def data_received(self, chunk: bytes) -> None:
-        self._watch_body()
+        self.body_deadline.restart()
         self.bytes_in += len(chunk)
         if len(self._body) + len(chunk) > MAX_JSON_BODY:
             self._too_large = True
@@ -172,7 +160,7 @@ class JsonRequestHandler(LfsHandler):
 
     def json_body(self) -> dict:
         """The request's JSON object, or a 413/422 LFS error."""
-        self._stop_watching_body()  # it has all come
+        self.body_deadline.stop()  # it has all come
         if self._too_large:
             raise LfsError(413, f"The request is larger than {MAX_JSON_BODY} bytes")
         try:

@@ -25,6 +25,7 @@ from ..backend import GitBackend
 from ..httpserver import ClaimedBody
 from ..permission import Permission
 from ..sizes import CHUNK_SIZE
+from ..util import Deadline
 from .batch import BAD_OID
 from .handlers import JsonRequestHandler, LfsError, LfsHandler
 from .storage import ObjectUpload, StorageFull, StoredObject, valid_oid
@@ -87,7 +88,8 @@ class ObjectHandler(LfsHandler):
         # The last piece's write and hash: each waits for the one before (see _receive).
         self.writing: Optional[asyncio.Future[None]] = None
         self.hashing: Optional[asyncio.Future[None]] = None
-        self.idle_timer: Optional[asyncio.TimerHandle] = None
+        # Ends an upload whose body stalls, as git's transfers end (see _stalled).
+        self.idle_deadline = Deadline(backend.idle_timeout, self._stalled)
         self.failed = False
 
     async def get(self, name: str, oid: str) -> None:
@@ -184,17 +186,10 @@ class ObjectHandler(LfsHandler):
         try:
             await self._receive(body)
         except StreamClosedError:
-            self._discard()  # the client went away, or stalled (see _watch_idle)
-
-    def _watch_idle(self) -> None:
-        """End an upload whose body stalls for the backend's ``idle_timeout``, as git's transfers end."""
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-        timeout = self.backend.idle_timeout
-        if timeout:
-            self.idle_timer = asyncio.get_running_loop().call_later(timeout, self._stalled)
+            self._discard()  # the client went away, or stalled (see _stalled)
 
     def _stalled(self) -> None:
+        """The body stalled for the backend's ``idle_timeout``."""
         log.info("%s: LFS upload stalled for %ss; closing", self.repository, self.backend.idle_timeout)
         self.request.connection.close()  # type: ignore[union-attr]  # on_connection_close discards it
 
@@ -228,7 +223,7 @@ class ObjectHandler(LfsHandler):
                 buffer = free.pop() if free else memoryview(bytearray(min(PIECE_SIZE, body.remaining)))
                 filled = 0
                 while filled < len(buffer) and body.remaining:
-                    self._watch_idle()
+                    self.idle_deadline.restart()
                     count = await body.read_into(buffer[filled:])
                     self.bytes_in += count
                     filled += count
@@ -238,8 +233,7 @@ class ObjectHandler(LfsHandler):
                 busy.append((buffer, self.writing, self.hashing))
                 await asyncio.sleep(0)  # a body that arrives as fast as it is read must not hold up the loop
         finally:
-            if self.idle_timer is not None:
-                self.idle_timer.cancel()
+            self.idle_deadline.stop()
         await self._settled(*(step for step in (self.writing, self.hashing) if step is not None))
 
     def _after(
@@ -296,8 +290,7 @@ class ObjectHandler(LfsHandler):
             writing.add_done_callback(lambda done: (done.cancelled() or done.exception(), upload.abort()))
 
     def on_finish(self) -> None:
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
+        self.idle_deadline.stop()
         self._discard()  # an upload that did not complete leaves nothing behind
         super().on_finish()
 
