@@ -1119,6 +1119,13 @@ def prebuilt(tmp_path_factory: pytest.TempPathFactory, git_client: GitClient, te
     return {"latin1-name": commands + pack, "clone-v2": clone}
 
 
+@pytest.fixture(autouse=True)
+def _earlier_garbage_collected() -> None:
+    """What earlier tests left for the garbage collector (a task pending when their loop closed) is
+    logged now, before this test's records are looked at, not by a collection in the middle of them."""
+    gc.collect()
+
+
 @pytest.fixture
 def sweep(request: pytest.FixtureRequest) -> Case:
     """The case the test runs (its server options shape the fixtures below); a plain server for others."""
