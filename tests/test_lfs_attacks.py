@@ -13,7 +13,7 @@ import re
 import subprocess
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from conftest import raw_http
@@ -413,6 +413,12 @@ async def test_a_stalled_upload_is_ended_by_the_idle_timeout(base_url: str, repo
     )
     await writer.drain()  # ... and then nothing more, the connection left open
     assert await asyncio.wait_for(reader.read(), 10) == b""  # closed by the server after 1 s of silence
+    writer.close()
+    assert lfs_files(repo) == []
+    # A body that never starts is ended the same way.
+    reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+    writer.write(put_head(urlunsplit(href), len(data)))
+    assert await asyncio.wait_for(reader.read(), 10) == b""
     writer.close()
     assert lfs_files(repo) == []
     await assert_still_serving(base_url, repo)
