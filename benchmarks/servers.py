@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -214,6 +215,7 @@ class HttpBackendServer:
             stdout=log,
             stderr=log,
             env=self.env,
+            start_new_session=True,  # a group of its own, so stop() ends its children too
         )
         deadline = time.monotonic() + 10
         while not sock.exists():
@@ -232,10 +234,15 @@ class HttpBackendServer:
         self.url = f"http://127.0.0.1:{port}"
 
     def stop(self) -> None:
-        for proc in (self.nginx, self.fcgiwrap):
-            if proc is not None:
-                # nginx: TERM is a fast shutdown; fcgiwrap ends its children itself.
-                stop_process(proc)
+        if self.nginx is not None:
+            stop_process(self.nginx)  # TERM is nginx's fast shutdown
+        if self.fcgiwrap is not None:
+            # fcgiwrap's TERM ends only itself: its preforked children would live on, orphaned.
+            stop_process(self.fcgiwrap)
+            try:
+                os.killpg(self.fcgiwrap.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.nginx = self.fcgiwrap = None
 
     def classify(self, table: ProcessTable) -> Tuple[Set[int], Set[int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from conftest import require_program
@@ -32,9 +33,18 @@ WORKLOADS = {
 }
 
 
+def fcgiwrap_processes() -> set[int]:
+    """The fcgiwrap processes running now."""
+    return {
+        int(pid)
+        for pid in subprocess.run(["pgrep", "-x", "fcgiwrap"], capture_output=True, text=True).stdout.split()
+    }
+
+
 def test_smoke_run_produces_every_row(tmp_path: Path) -> None:
     for program, package in TOOLS.items():
         require_program(program, package)
+    before = fcgiwrap_processes()
     result = subprocess.run(
         [sys.executable, "-m", "benchmarks.run", "--smoke", "--out", str(tmp_path)],
         cwd=ROOT,
@@ -43,6 +53,11 @@ def test_smoke_run_produces_every_row(tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    # http-backend's fcgiwrap and its preforked children all end (killed ones take a moment to be reaped).
+    deadline = time.monotonic() + 10
+    while not fcgiwrap_processes() <= before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert fcgiwrap_processes() <= before
     data = json.loads((tmp_path / "results.json").read_text())
     table = (tmp_path / "results.md").read_text()
     assert set(data["workloads"]) == set(WORKLOADS)
